@@ -1,0 +1,52 @@
+"""The EHLO reply a client sees: the upstream's, rewritten for what pipeproxy relays.
+
+A pure function of (upstream reply, policy). The first line of an EHLO reply is the
+server's greeting text and is kept; each further line is one extension keyword with its
+parameters (RFC 5321 §4.1.1.1). Keywords are compared case-insensitively and order is
+kept; PIPELINING is added because pipeproxy itself implements it (RFC 2920), and the
+extensions a line-oriented proxy cannot relay are removed:
+
+* CHUNKING, BINARYMIME: BDAT chunks are octet-counted and not dot-stuffed (RFC 3030);
+  a proxy that advertised them without parsing BDAT lost mail (Mailu#1766).
+* PIPE_CONNECT, X_PIPE_CONNECT: the client would send before the greeting.
+* STARTTLS: pipeproxy does not terminate TLS, and relaying it would leave it blind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from .wire import Reply
+
+PIPELINING = "PIPELINING"
+NOT_RELAYABLE = frozenset({"CHUNKING", "BINARYMIME", "PIPE_CONNECT", "X_PIPE_CONNECT", "STARTTLS"})
+
+
+def keyword(line: str) -> str:
+    """The extension keyword of one EHLO line, upper-cased."""
+    return line.split(" ", 1)[0].upper()
+
+
+def normalise_keywords(words: Iterable[str]) -> frozenset[str]:
+    """Operator-given keywords (any case, blanks ignored) as a set to compare against."""
+    return frozenset(word.strip().upper() for word in words if word.strip())
+
+
+def rewrite_ehlo(upstream: Reply, discard: frozenset[str] = frozenset()) -> tuple[Reply, tuple[str, ...]]:
+    """The client's EHLO reply, and the keywords removed from the upstream's.
+
+    ``discard`` holds extra keywords to drop, upper-cased; PIPELINING is never dropped,
+    since pipeproxy provides it whatever the upstream does.
+    """
+    greeting, *extensions = upstream.lines
+    removed = NOT_RELAYABLE | (discard - {PIPELINING})
+    kept = [line for line in extensions if keyword(line) not in removed]
+    dropped = tuple(keyword(line) for line in extensions if keyword(line) in removed)
+    if not any(keyword(line) == PIPELINING for line in kept):
+        kept.append(PIPELINING)
+    return Reply(upstream.code, (greeting, *kept)), dropped
+
+
+def ehlo_from_helo(helo: Reply) -> Reply:
+    """A valid EHLO reply for a client whose upstream only speaks HELO (RFC 5321 §4.1.1.1)."""
+    return Reply(helo.code, (helo.lines[0], PIPELINING))

@@ -1,0 +1,542 @@
+"""Transcript tests of the protocol core: bytes in, exact bytes out, no sockets.
+
+Each transcript is played whole, one byte at a time and cut at every offset, unless a test
+is about write boundaries, which only a whole feed fixes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from transcript import (
+    CLIENT_EOF,
+    CLOSED,
+    TIMEOUT,
+    TO_CLIENT,
+    TO_UPSTREAM,
+    UPSTREAM_EOF,
+    C,
+    U,
+    play,
+    play_every_way,
+)
+
+from pipeproxy.config import BareLineEndings, Config, Timeouts
+
+GREETING = [(U, b"220 legacy.test ESMTP\r\n"), (TO_CLIENT, b"220 legacy.test ESMTP\r\n")]
+EHLO = [
+    (C, b"EHLO client.test\r\n"),
+    (TO_UPSTREAM, b"EHLO client.test\r\n"),
+    (U, b"250-legacy.test\r\n250-SIZE 1000000\r\n250 8BITMIME\r\n"),
+    (TO_CLIENT, b"250-legacy.test\r\n250-SIZE 1000000\r\n250-8BITMIME\r\n250 PIPELINING\r\n"),
+]
+OPENED = GREETING + EHLO
+
+
+def rcpts(n: int) -> bytes:
+    return b"".join(b"RCPT TO:<r%d@legacy.test>\r\n" % i for i in range(n))
+
+
+def lockstep_group(n: int) -> list:
+    """MAIL, n RCPT and DATA pipelined in one write, answered one at a time upstream."""
+    steps: list = [(C, b"MAIL FROM:<s@client.test>\r\n" + rcpts(n) + b"DATA\r\n")]
+    steps += [(TO_UPSTREAM, b"MAIL FROM:<s@client.test>\r\n"), (U, b"250 2.1.0 Ok\r\n")]
+    for i in range(n):
+        steps += [(TO_UPSTREAM, b"RCPT TO:<r%d@legacy.test>\r\n" % i), (U, b"250 2.1.5 Ok\r\n")]
+    steps += [(TO_UPSTREAM, b"DATA\r\n"), (U, b"354 End data with <CR><LF>.<CR><LF>\r\n")]
+    steps += [(TO_CLIENT, b"250 2.1.0 Ok\r\n" + b"250 2.1.5 Ok\r\n" * n + b"354 End data with <CR><LF>.<CR><LF>\r\n")]
+    return steps
+
+
+def test_greeting_is_relayed_multiline_and_nothing_goes_upstream_before_it():
+    """A multi-line 220 reaches the client whole; client bytes wait until it is complete."""
+    play_every_way(
+        [
+            (C, b"EHLO early.test\r\n"),
+            (TO_UPSTREAM, b""),
+            (U, b"220-legacy.test ESMTP\r\n"),
+            (TO_UPSTREAM, b""),
+            (U, b"220 no pipelining here\r\n"),
+            (TO_CLIENT, b"220-legacy.test ESMTP\r\n220 no pipelining here\r\n"),
+            (TO_UPSTREAM, b"EHLO early.test\r\n"),
+        ]
+    )
+
+
+def test_ehlo_gains_pipelining_and_loses_what_cannot_be_relayed():
+    """PIPELINING is added; CHUNKING, BINARYMIME, STARTTLS, PIPE_CONNECT go; order kept."""
+    run = play_every_way(
+        GREETING
+        + [
+            (C, b"EHLO client.test\r\n"),
+            (TO_UPSTREAM, b"EHLO client.test\r\n"),
+            (
+                U,
+                b"250-legacy.test hello\r\n250-SIZE 10240000\r\n250-starttls\r\n250-CHUNKING\r\n"
+                b"250-BINARYMIME\r\n250-8BITMIME\r\n250-PIPE_CONNECT\r\n250-X_PIPE_CONNECT\r\n250 DSN\r\n",
+            ),
+            (TO_CLIENT, b"250-legacy.test hello\r\n250-SIZE 10240000\r\n250-8BITMIME\r\n250-DSN\r\n250 PIPELINING\r\n"),
+        ]
+    )
+    assert run.client_writes[-1].count(b"\r\n") == 5, "the EHLO reply goes out in one write"
+
+
+def test_ehlo_keeps_upstream_pipelining_and_applies_the_operator_discard_list():
+    """An upstream PIPELINING is not doubled; operator keywords are dropped case-insensitively."""
+    config = Config(discard_ehlo_keywords=frozenset({"DSN", "ETRN"}))
+    play_every_way(
+        GREETING
+        + [
+            (C, b"EHLO client.test\r\n"),
+            (TO_UPSTREAM, b"EHLO client.test\r\n"),
+            (U, b"250-legacy.test\r\n250-pipelining\r\n250-etrn\r\n250 dsn\r\n"),
+            (TO_CLIENT, b"250-legacy.test\r\n250 pipelining\r\n"),
+        ],
+        config,
+    )
+
+
+def test_ehlo_refused_falls_back_to_helo_and_client_still_gets_ehlo_reply():
+    """Upstream without ESMTP: 502 to EHLO, pipeproxy says HELO, client gets a valid EHLO reply."""
+    play_every_way(
+        GREETING
+        + [
+            (C, b"EHLO client.test\r\n"),
+            (TO_UPSTREAM, b"EHLO client.test\r\n"),
+            (U, b"502 5.5.2 Error: command not recognized\r\n"),
+            (TO_CLIENT, b""),
+            (TO_UPSTREAM, b"HELO client.test\r\n"),
+            (U, b"250 legacy.test\r\n"),
+            (TO_CLIENT, b"250-legacy.test\r\n250 PIPELINING\r\n"),
+        ]
+    )
+
+
+def test_ehlo_fallback_relays_a_helo_refusal():
+    """If HELO is refused too, the client sees that refusal, not an invented success."""
+    play_every_way(
+        GREETING
+        + [
+            (C, b"EHLO client.test\r\n"),
+            (TO_UPSTREAM, b"EHLO client.test\r\n"),
+            (U, b"500 5.5.1 unknown\r\n"),
+            (TO_UPSTREAM, b"HELO client.test\r\n"),
+            (U, b"501 5.5.4 bad hostname\r\n"),
+            (TO_CLIENT, b"501 5.5.4 bad hostname\r\n"),
+        ]
+    )
+
+
+def test_helo_is_forwarded_as_it_is():
+    """HELO reaches the upstream unchanged and its reply comes back unchanged."""
+    play_every_way(
+        GREETING
+        + [
+            (C, b"HELO client.test\r\n"),
+            (TO_UPSTREAM, b"HELO client.test\r\n"),
+            (U, b"250 legacy.test\r\n"),
+            (TO_CLIENT, b"250 legacy.test\r\n"),
+        ]
+    )
+
+
+def test_pipelined_group_goes_upstream_one_command_per_reply():
+    """MAIL, 10 RCPT and DATA in one write: lock-step upstream, one write of 12 replies back."""
+    run = play_every_way(OPENED + lockstep_group(10))
+    whole_run = play(OPENED + lockstep_group(10))
+    assert len(whole_run.client_writes) == 3, "greeting, EHLO, then the whole group in one write"
+    assert whole_run.client_writes[-1].count(b"\r\n") == 12
+    assert run.closed is None
+
+
+def test_group_replies_flush_when_input_runs_dry():
+    """A group without a last-in-group command is answered once no command is waiting."""
+    run = play(
+        OPENED
+        + [
+            (C, b"MAIL FROM:<s@client.test>\r\nRCPT TO:<a@legacy.test>\r\n"),
+            (TO_UPSTREAM, b"MAIL FROM:<s@client.test>\r\n"),
+            (U, b"250 2.1.0 Ok\r\n"),
+            (TO_CLIENT, b""),
+            (TO_UPSTREAM, b"RCPT TO:<a@legacy.test>\r\n"),
+            (U, b"250 2.1.5 Ok\r\n"),
+            (TO_CLIENT, b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n"),
+        ]
+    )
+    assert run.client_writes[-1] == b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n"
+
+
+def test_message_body_is_streamed_after_354_and_terminated_by_the_proxy():
+    """Content goes upstream only after 354; the client's terminator ends it exactly once."""
+    run = play_every_way(
+        OPENED
+        + lockstep_group(1)
+        + [
+            (C, b"Subject: hi\r\n\r\n..leading dot\r\nbody\r\n.\r\n"),
+            (TO_UPSTREAM, b"Subject: hi\r\n\r\n..leading dot\r\nbody\r\n.\r\n"),
+            (U, b"250 2.0.0 Ok: queued as 1234\r\n"),
+            (TO_CLIENT, b"250 2.0.0 Ok: queued as 1234\r\n"),
+            (C, b"QUIT\r\n"),
+            (TO_UPSTREAM, b"QUIT\r\n"),
+            (U, b"221 2.0.0 Bye\r\n"),
+            (TO_CLIENT, b"221 2.0.0 Bye\r\n"),
+            (CLOSED,),
+        ]
+    )
+    [transaction] = run.events("transaction")
+    assert transaction["sender"] == "s@client.test"
+    assert transaction["recipients_accepted"] == 1
+    assert transaction["reply_code"] == 250
+    assert transaction["size"] == len(b"Subject: hi\r\n\r\n.leading dot\r\nbody\r\n")
+    assert run.session.messages == 1
+
+
+def test_content_and_the_next_transaction_in_one_write():
+    """RFC 2920 §3.1: the body may start a group; what follows its end is commands again."""
+    play_every_way(
+        OPENED
+        + lockstep_group(1)
+        + [
+            (C, b"one\r\n.\r\nMAIL FROM:<s2@client.test>\r\nRCPT TO:<b@legacy.test>\r\nDATA\r\n"),
+            (TO_UPSTREAM, b"one\r\n.\r\n"),
+            (U, b"250 2.0.0 queued\r\n"),
+            (TO_UPSTREAM, b"MAIL FROM:<s2@client.test>\r\n"),
+            (U, b"250 2.1.0 Ok\r\n"),
+            (TO_UPSTREAM, b"RCPT TO:<b@legacy.test>\r\n"),
+            (U, b"250 2.1.5 Ok\r\n"),
+            (TO_UPSTREAM, b"DATA\r\n"),
+            (U, b"354 go\r\n"),
+            (TO_CLIENT, b"250 2.0.0 queued\r\n250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go\r\n"),
+        ]
+    )
+
+
+def test_refused_data_leaves_what_follows_parsed_as_commands():
+    """Every RCPT refused, so DATA gets 554: the 'body' lines are commands, answered in order."""
+    play_every_way(
+        OPENED
+        + [
+            (C, b"MAIL FROM:<s@client.test>\r\nRCPT TO:<nobody@legacy.test>\r\nDATA\r\n"),
+            (TO_UPSTREAM, b"MAIL FROM:<s@client.test>\r\n"),
+            (U, b"250 Ok\r\n"),
+            (TO_UPSTREAM, b"RCPT TO:<nobody@legacy.test>\r\n"),
+            (U, b"550 5.1.1 unknown user\r\n"),
+            (TO_UPSTREAM, b"DATA\r\n"),
+            (U, b"554 5.5.1 Error: no valid recipients\r\n"),
+            (TO_CLIENT, b"250 Ok\r\n550 5.1.1 unknown user\r\n554 5.5.1 Error: no valid recipients\r\n"),
+            (C, b"RSET\r\nQUIT\r\n"),
+            (TO_UPSTREAM, b"RSET\r\n"),
+            (U, b"250 Ok\r\n"),
+            (TO_UPSTREAM, b"QUIT\r\n"),
+            (U, b"221 Bye\r\n"),
+            (TO_CLIENT, b"250 Ok\r\n221 Bye\r\n"),
+            (CLOSED,),
+        ]
+    )
+
+
+def test_auth_exchange_is_relayed_line_by_line_and_never_logged():
+    """After 334 the client's line is SASL data, relayed as it is and kept out of the logs."""
+    config = Config(log_level="debug")
+    run = play_every_way(
+        OPENED
+        + [
+            (C, b"AUTH LOGIN\r\n"),
+            (TO_UPSTREAM, b"AUTH LOGIN\r\n"),
+            (U, b"334 VXNlcm5hbWU6\r\n"),
+            (TO_CLIENT, b"334 VXNlcm5hbWU6\r\n"),
+            (C, b"c2VjcmV0dXNlcg==\r\n"),
+            (TO_UPSTREAM, b"c2VjcmV0dXNlcg==\r\n"),
+            (U, b"334 UGFzc3dvcmQ6\r\n"),
+            (TO_CLIENT, b"334 UGFzc3dvcmQ6\r\n"),
+            (C, b"c2VjcmV0cGFzcw==\r\n"),
+            (TO_UPSTREAM, b"c2VjcmV0cGFzcw==\r\n"),
+            (U, b"235 2.7.0 Authentication successful\r\n"),
+            (TO_CLIENT, b"235 2.7.0 Authentication successful\r\n"),
+            (C, b"MAIL FROM:<s@client.test>\r\n"),
+            (TO_UPSTREAM, b"MAIL FROM:<s@client.test>\r\n"),
+        ],
+        config,
+    )
+    logged = repr([log.fields for log in run.logs])
+    assert "c2VjcmV0" not in logged
+    assert [fields["verb"] for fields in run.events("command")] == ["EHLO", "AUTH", "AUTH", "AUTH"]
+
+
+def test_starttls_and_bdat_are_answered_by_the_proxy():
+    """Neither is advertised nor forwarded: the client gets 502, the upstream sees nothing."""
+    play_every_way(
+        OPENED
+        + [
+            (C, b"STARTTLS\r\n"),
+            (TO_CLIENT, b"502 5.5.1 Error: STARTTLS is not available through this proxy\r\n"),
+            (C, b"BDAT 10 LAST\r\n"),
+            (TO_CLIENT, b"502 5.5.1 Error: BDAT is not available through this proxy\r\n"),
+            (TO_UPSTREAM, b""),
+        ]
+    )
+
+
+def test_unknown_verbs_are_forwarded_for_the_upstream_to_decide():
+    """The proxy does not second-guess verbs it does not know."""
+    play_every_way(
+        OPENED
+        + [
+            (C, b"XYZZY plugh\r\n"),
+            (TO_UPSTREAM, b"XYZZY plugh\r\n"),
+            (U, b"502 5.5.2 Error: command not recognized\r\n"),
+            (TO_CLIENT, b"502 5.5.2 Error: command not recognized\r\n"),
+        ]
+    )
+
+
+def test_overlong_command_line_gets_500_and_the_session_goes_on():
+    """Over 512 octets: 500 in its place in the reply order, nothing upstream, then on."""
+    long_line = b"RCPT TO:<" + b"x" * 600 + b"@legacy.test>\r\n"
+    play_every_way(
+        OPENED
+        + [
+            (C, b"MAIL FROM:<s@client.test>\r\n" + long_line + b"RCPT TO:<ok@legacy.test>\r\n"),
+            (TO_UPSTREAM, b"MAIL FROM:<s@client.test>\r\n"),
+            (U, b"250 Ok\r\n"),
+            (TO_UPSTREAM, b"RCPT TO:<ok@legacy.test>\r\n"),
+            (U, b"250 Ok\r\n"),
+            (TO_CLIENT, b"250 Ok\r\n500 5.5.2 Error: line too long\r\n250 Ok\r\n"),
+        ]
+    )
+
+
+def test_command_line_limit_is_configurable_and_counts_the_crlf():
+    """With a 20-octet limit, 20 octets with CRLF pass and 21 do not."""
+    config = Config(max_line_length=20)
+    play_every_way(
+        OPENED
+        + [
+            (C, b"NOOP 6789012345678\r\n"),
+            (TO_UPSTREAM, b"NOOP 6789012345678\r\n"),
+            (U, b"250 Ok\r\n"),
+            (TO_CLIENT, b"250 Ok\r\n"),
+            (C, b"NOOP 67890123456789\r\n"),
+            (TO_CLIENT, b"500 5.5.2 Error: line too long\r\n"),
+        ],
+        config,
+    )
+
+
+def test_bare_lf_cr_and_nul_in_command_lines_are_refused_not_forwarded():
+    """A line ended by bare LF, or holding bare CR or NUL, gets 500 and never goes upstream."""
+    play_every_way(
+        OPENED
+        + [
+            (C, b"MAIL FROM:<a@client.test>\nNOOP\rRSET\r\nNOOP\x00x\r\nRCPT TO:<b@legacy.test>\r\n"),
+            (TO_UPSTREAM, b"RCPT TO:<b@legacy.test>\r\n"),
+            (U, b"503 5.5.1 Error: need MAIL command\r\n"),
+            (
+                TO_CLIENT,
+                b"500 5.5.2 Error: bare <LF> received\r\n"
+                b"500 5.5.2 Error: bare <CR> or NUL in command line\r\n"
+                b"500 5.5.2 Error: bare <CR> or NUL in command line\r\n"
+                b"503 5.5.1 Error: need MAIL command\r\n",
+            ),
+        ]
+    )
+
+
+def test_upstream_closing_mid_batch_answers_every_queued_command_in_order():
+    """Upstream gone after MAIL: the RCPT in flight and each waiting command get 421."""
+    run = play_every_way(
+        OPENED
+        + [
+            (C, b"MAIL FROM:<s@client.test>\r\nRCPT TO:<a@legacy.test>\r\nRCPT TO:<b@legacy.test>\r\nDATA\r\n"),
+            (TO_UPSTREAM, b"MAIL FROM:<s@client.test>\r\n"),
+            (U, b"250 Ok\r\n"),
+            (TO_UPSTREAM, b"RCPT TO:<a@legacy.test>\r\n"),
+            (UPSTREAM_EOF,),
+            (
+                TO_CLIENT,
+                b"250 Ok\r\n421 4.4.2 Upstream server closed the connection\r\n"
+                + b"421 4.4.2 Upstream server unavailable, closing connection\r\n" * 2,
+            ),
+            (CLOSED,),
+        ]
+    )
+    assert run.events("transaction")[0]["reply_code"] is None
+
+
+def test_upstream_closing_after_the_final_dot_never_yields_250():
+    """The message's fate is unknown: the client gets 421, not success."""
+    run = play_every_way(
+        OPENED
+        + lockstep_group(1)
+        + [
+            (C, b"hello\r\n.\r\n"),
+            (TO_UPSTREAM, b"hello\r\n.\r\n"),
+            (UPSTREAM_EOF,),
+            (TO_CLIENT, b"421 4.4.2 Upstream server closed the connection\r\n"),
+            (CLOSED,),
+        ]
+    )
+    assert run.session.messages == 0
+
+
+def test_upstream_closing_mid_body_tells_the_client_at_once():
+    """Upstream gone while content streams: 421 now, not after megabytes more."""
+    play(
+        OPENED
+        + lockstep_group(1)
+        + [
+            (C, b"part one\r\n"),
+            (TO_UPSTREAM, b"part one\r\n"),
+            (UPSTREAM_EOF,),
+            (TO_CLIENT, b"421 4.4.2 Upstream server closed the connection\r\n"),
+            (CLOSED,),
+        ]
+    )
+
+
+def test_client_vanishing_mid_body_never_completes_the_message():
+    """No final dot goes upstream: the session closes and the upstream drops the message."""
+    run = play_every_way(
+        OPENED
+        + lockstep_group(1)
+        + [
+            (C, b"half a message\r\n"),
+            (TO_UPSTREAM, b"half a message\r\n"),
+            (CLIENT_EOF,),
+            (TO_CLIENT, b"421 4.4.2 Error: message not completed, closing connection\r\n"),
+            (CLOSED,),
+        ]
+    )
+    assert run.session.messages == 0
+
+
+def test_client_vanishing_before_354_never_sends_content():
+    """The client leaves with DATA outstanding: on 354 the session closes, sending nothing."""
+    play(
+        OPENED
+        + [
+            (C, b"MAIL FROM:<s@client.test>\r\n"),
+            (TO_UPSTREAM, b"MAIL FROM:<s@client.test>\r\n"),
+            (U, b"250 Ok\r\n"),
+            (TO_CLIENT, b"250 Ok\r\n"),
+            (C, b"DATA\r\n"),
+            (CLIENT_EOF,),
+            (TO_UPSTREAM, b"DATA\r\n"),
+            (U, b"354 go\r\n"),
+            (TO_CLIENT, b"354 go\r\n421 4.4.2 Error: message not completed, closing connection\r\n"),
+            (CLOSED,),
+        ]
+    )
+
+
+def test_client_half_close_still_runs_the_commands_it_sent():
+    """No input is dropped: QUIT then EOF in one burst still reaches the upstream."""
+    play(
+        OPENED
+        + [
+            (C, b"NOOP\r\nQUIT\r\n"),
+            (CLIENT_EOF,),
+            (TO_UPSTREAM, b"NOOP\r\n"),
+            (U, b"250 Ok\r\n"),
+            (TO_UPSTREAM, b"QUIT\r\n"),
+            (U, b"221 Bye\r\n"),
+            (TO_CLIENT, b"250 Ok\r\n221 Bye\r\n"),
+            (CLOSED,),
+        ]
+    )
+
+
+def test_greeting_timeout_gives_421():
+    """No greeting in time: 421 to the client, and the session ends."""
+    play([(TIMEOUT,), (TO_CLIENT, b"421 4.4.2 Upstream server timed out, closing connection\r\n"), (CLOSED,)])
+
+
+def test_upstream_refusing_connection_gives_421():
+    """Upstream unreachable: the client's first line is a 421."""
+    run = play([])
+    run.apply(run.session.upstream_failed("connection refused"))
+    assert run.client_writes == [b"421 4.4.2 Upstream server unavailable, closing connection\r\n"]
+    assert run.closed is not None
+
+
+def test_each_wait_uses_its_rfc_timeout():
+    """RCPT waits 5 minutes, DATA 2, the final dot 10; an idle client 5."""
+    timeouts = Timeouts()
+    run = play(
+        OPENED
+        + [
+            (C, b"MAIL FROM:<s@client.test>\r\n"),
+            (TO_UPSTREAM, b"MAIL FROM:<s@client.test>\r\n"),
+            (U, b"250 Ok\r\n"),
+            (TO_CLIENT, b"250 Ok\r\n"),
+            (C, b"RCPT TO:<a@b>\r\n"),
+            (TO_UPSTREAM, b"RCPT TO:<a@b>\r\n"),
+        ]
+    )
+    assert run.session.deadline == run.clock.now + timeouts.rcpt
+    run.apply(run.session.upstream_data(b"250 Ok\r\n"))
+    assert run.session.deadline == run.clock.now + timeouts.client_idle
+    run.apply(run.session.client_data(b"DATA\r\n"))
+    assert run.session.deadline == run.clock.now + timeouts.data_init
+    run.apply(run.session.upstream_data(b"354 go\r\n"))
+    assert run.session.deadline == run.clock.now + timeouts.data_block
+    run.apply(run.session.client_data(b".\r\n"))
+    assert run.session.deadline == run.clock.now + timeouts.data_end
+
+
+def test_idle_client_timeout_gives_421_and_closes():
+    """RFC 5321 §4.5.3.2.7: the server may give up on a silent client."""
+    play(OPENED + [(C, b"NOOP"), (TIMEOUT,), (TO_CLIENT, b"421 4.4.2 Error: timeout exceeded, closing connection\r\n")])
+
+
+def test_unprompted_421_from_upstream_is_relayed_and_closes():
+    """An upstream shutting down says 421 out of turn: the client hears it, then EOF."""
+    play_every_way(OPENED + [(U, b"421 4.3.2 Shutting down\r\n"), (TO_CLIENT, b"421 4.3.2 Shutting down\r\n"), (CLOSED,)])
+
+
+def test_garbage_from_upstream_closes_with_421():
+    """A reply that is not SMTP means the upstream cannot be trusted any more."""
+    play(
+        OPENED
+        + [
+            (C, b"NOOP\r\n"),
+            (TO_UPSTREAM, b"NOOP\r\n"),
+            (U, b"HTTP/1.1 400 Bad Request\r\n"),
+            (TO_CLIENT, b"421 4.4.2 Upstream server broke the protocol, closing connection\r\n"),
+            (CLOSED,),
+        ]
+    )
+
+
+def test_bare_line_endings_in_content_are_neutralised_by_default():
+    """A smuggled '\\n.\\n' arrives as a stuffed content line; one message upstream."""
+    play_every_way(
+        OPENED
+        + lockstep_group(1)
+        + [
+            (C, b"a\n.\nMAIL FROM:<evil@x>\r\nb\r.\rc\x00\r\n.\r\n"),
+            (TO_UPSTREAM, b"a\r\n..\r\nMAIL FROM:<evil@x>\r\nb\r\n..\r\nc\r\n.\r\n"),
+        ]
+    )
+
+
+def test_bare_line_endings_in_content_can_be_rejected_with_550():
+    """With the reject policy the message is refused and never completed upstream."""
+    config = dataclasses.replace(Config(), bare_line_endings=BareLineEndings.REJECT)
+    run = play(
+        OPENED
+        + lockstep_group(1)
+        + [
+            (C, b"fine line\r\n"),
+            (TO_UPSTREAM, b"fine line\r\n"),
+            (C, b"bad\nline\r\n.\r\nNOOP\r\n"),
+            (
+                TO_CLIENT,
+                b"550 5.6.0 Message refused: bare CR, LF or NUL in content\r\n"
+                b"421 4.4.2 Upstream server unavailable, closing connection\r\n",
+            ),
+            (CLOSED,),
+        ],
+        config,
+    )
+    assert run.session.messages == 0
