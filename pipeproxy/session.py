@@ -30,7 +30,7 @@ from typing import Any
 
 from .capabilities import ehlo_from_helo, rewrite_ehlo
 from .config import BareLineEndings, Config
-from .wire import CRLF, BodyReframer, CommandReader, ProtocolError, Reply, ReplyReader, reply
+from .wire import CRLF, BodyReframer, CommandReader, ProtocolError, Reply, ReplyReader, mailbox, reply
 
 # RFC 2920 §3.1: these may appear anywhere in a group; their replies may be held.
 GROUPABLE = frozenset({"RSET", "MAIL", "RCPT", "SEND", "SOML", "SAML"})
@@ -65,6 +65,7 @@ class Close:
     """End the session: close both connections. The upstream never sees a final dot."""
 
     reason: str
+    clean: bool  # the client quit or hung up between commands; nothing went wrong
 
 
 Action = ToClient | ToUpstream | Log | Close
@@ -221,7 +222,7 @@ class Session:
             if line is None:
                 self._flush()
                 if self._client_eof:
-                    self._close("client closed the connection")
+                    self._close("client closed the connection", clean=True)
                 elif self._client_wait_since is None:
                     self._client_wait_since = self._clock()
                 return
@@ -244,7 +245,7 @@ class Session:
             return
         if verb == "MAIL":
             self._end_transaction(None, "new MAIL command")
-            self._transaction = _Transaction(sender=_address(argument))
+            self._transaction = _Transaction(sender=mailbox(argument))
         elif verb in ("RSET", "HELO", "EHLO", "QUIT"):
             self._end_transaction(None, f"{verb} command")
         self._send_command(verb, argument, line)
@@ -277,6 +278,7 @@ class Session:
             # The group is the client write that will carry this reply.
             self._log("debug", "command", verb=verb, code=code, upstream_wait=round(waited, 6), group=self._groups + 1)
 
+        outcome = None  # set when this reply ends the mail transaction
         if verb == "GREETING":
             self._log("info", "upstream greeting", code=code)
         elif verb == "EHLO" and code in (500, 502):
@@ -294,7 +296,7 @@ class Session:
         elif verb == "AUTH":
             self._mode = Mode.COMMAND
         elif transaction is not None and verb == "MAIL" and code >= 400:
-            self._end_transaction(upstream_reply, "MAIL refused")
+            outcome = "MAIL refused"
         elif transaction is not None and verb == "RCPT":
             if code < 400:
                 transaction.accepted += 1
@@ -306,17 +308,18 @@ class Session:
             self._start_body()
             return
         elif verb == "DATA":
-            self._end_transaction(upstream_reply, "DATA refused")
+            outcome = "DATA refused"
         elif verb == ".":
-            if code < 400:
-                self.messages += 1
-            self._end_transaction(upstream_reply, "message sent")
+            self.messages += code < 400
+            outcome = "message accepted" if code < 400 else "message refused"
 
         self._hold(upstream_reply.serialise())
         if verb == "QUIT":
-            self._close("client quit")
+            self._close("client quit", clean=True)
         elif verb not in GROUPABLE or not self._commands.has_line():
             self._flush()
+        if outcome:
+            self._end_transaction(upstream_reply, outcome)
 
     def _unsolicited(self, upstream_reply: Reply) -> None:
         """A reply to nothing: a 421 shutdown notice (RFC 5321 §3.8) or a broken peer."""
@@ -398,12 +401,10 @@ class Session:
         self._end_transaction(None, reason)
         self._close(reason)
 
-    def _close(self, reason: str) -> None:
+    def _close(self, reason: str, clean: bool = False) -> None:
         self._flush()
-        level = "info" if reason in ("client quit", "client closed the connection") else "warning"
-        self._log(level, "session closing", reason=reason)
         self._mode = Mode.CLOSED
-        self._emit(Close(reason))
+        self._emit(Close(reason, clean))
 
     def _end_transaction(self, final: Reply | None, outcome: str) -> None:
         transaction = self._transaction
@@ -421,7 +422,8 @@ class Session:
             reply=final.text if final else None,
             outcome=outcome,
             upstream_wait=round(transaction.upstream_wait, 6),
-            groups=transaction.groups,
+            # replies per client write; a write still being gathered counts as it stands
+            groups=transaction.groups + ([len(self._held)] if self._held else []),
         )
 
     def _log(self, level: str, event: str, **fields: Any) -> None:
@@ -434,11 +436,3 @@ class Session:
         actions, self._actions = self._actions, []
         return actions
 
-
-def _address(mail_argument: str) -> str:
-    """The reverse-path of ``FROM:<addr> PARAMS``, for the log."""
-    _, _, rest = mail_argument.partition(":")
-    rest = rest.strip()
-    if rest.startswith("<"):
-        return rest[1 : rest.find(">")] if ">" in rest else rest[1:]
-    return rest.split(" ", 1)[0]

@@ -68,6 +68,15 @@ def reply(code: int, *lines: str) -> bytes:
     return Reply(code, lines or ("",)).serialise()
 
 
+def mailbox(argument: str) -> str:
+    """The path of a MAIL or RCPT argument, ``FROM:<addr> PARAMS``, without brackets."""
+    _, _, rest = argument.partition(":")
+    rest = rest.strip()
+    if rest.startswith("<") and ">" in rest:
+        return rest[1 : rest.find(">")]
+    return rest.split(" ", 1)[0]
+
+
 class CommandReader:
     """Client input cut into command lines, bounded, with a clear error for bad lines."""
 
