@@ -1,0 +1,153 @@
+"""A private Postfix instance configured as a legacy MTA, for tests on 127.0.0.1.
+
+It has its own config, queue, data and mail directories under one temporary folder and
+listens on a free port; nothing touches the system instance or port 25. It hides
+PIPELINING (``smtpd_discard_ehlo_keywords``) and refuses early input
+(``reject_unauth_pipelining`` in every restriction list, and
+``smtpd_forbid_unauth_pipelining``). Every recipient in legacy.test is delivered to one
+Maildir, so a test can read what really arrived.
+
+Postfix only looks for early input after EHLO, HELO, DATA, NOOP and VRFY in an ESMTP
+session, but after every command in a HELO session (PEERS.md). ``helo_only=True`` turns
+EHLO into an unknown verb with ``smtpd_command_filter``, so clients fall back to HELO and
+every command is checked.
+"""
+
+from __future__ import annotations
+
+import email
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+MASTER_CF = """\
+{listen} inet n - n - - smtpd
+pickup    unix  n - n 60 1 pickup
+cleanup   unix  n - n -  0 cleanup
+qmgr      unix  n - n 300 1 qmgr
+rewrite   unix  - - n -  - trivial-rewrite
+bounce    unix  - - n -  0 bounce
+defer     unix  - - n -  0 bounce
+trace     unix  - - n -  0 bounce
+verify    unix  - - n -  1 verify
+flush     unix  n - n 1000? 0 flush
+proxymap  unix  - - n -  - proxymap
+smtp      unix  - - n -  - smtp
+relay     unix  - - n -  - smtp
+showq     unix  n - n -  - showq
+error     unix  - - n -  - error
+retry     unix  - - n -  - error
+discard   unix  - - n -  - discard
+virtual   unix  - n n -  - virtual
+anvil     unix  - - n -  1 anvil
+scache    unix  - - n -  1 scache
+postlog   unix-dgram n - n - 1 postlogd
+"""
+
+MAIN_CF = """\
+compatibility_level = 3.6
+queue_directory = {root}/queue
+data_directory = {root}/data
+mail_owner = postfix
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+myhostname = legacy.test
+mydestination =
+mynetworks = 127.0.0.0/8
+alias_maps =
+alias_database =
+virtual_mailbox_domains = legacy.test
+virtual_mailbox_base = {root}/mail
+virtual_mailbox_maps = static:catchall/
+virtual_uid_maps = static:{uid}
+virtual_gid_maps = static:{gid}
+maillog_file = {root}/maillog
+maillog_file_prefixes = {root}
+biff = no
+smtpd_discard_ehlo_keywords = pipelining
+smtpd_forbid_unauth_pipelining = yes
+smtpd_helo_restrictions = reject_unauth_pipelining
+smtpd_sender_restrictions = reject_unauth_pipelining
+smtpd_recipient_restrictions = reject_unauth_pipelining, permit_mynetworks, reject_unauth_destination
+smtpd_data_restrictions = reject_unauth_pipelining
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class PrivatePostfix:
+    def __init__(self, root: Path, *, helo_only: bool) -> None:
+        self.root = root
+        self.config_dir = root / "etc"
+        self.port = free_port()
+        self.helo_only = helo_only
+
+    @property
+    def maillog(self) -> str:
+        path = self.root / "maillog"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def start(self) -> None:
+        if os.geteuid() != 0:
+            raise RuntimeError("a private Postfix needs root to start (as in CI)")
+        if shutil.which("postfix") is None:
+            raise RuntimeError("postfix is not installed: run .ci/setup")
+        nobody = pwd.getpwnam("nobody")
+        for name in ("etc", "queue", "data", "mail"):
+            (self.root / name).mkdir(parents=True, exist_ok=True)
+        shutil.chown(self.root / "data", "postfix")
+        os.chown(self.root / "mail", nobody.pw_uid, nobody.pw_gid)
+        main_cf = MAIN_CF.format(root=self.root, uid=nobody.pw_uid, gid=nobody.pw_gid)
+        if self.helo_only:
+            (self.config_dir / "command_filter").write_text("/^[Ee][Hh][Ll][Oo]( .*)?$/ XEHLO$1\n")
+            main_cf += f"smtpd_command_filter = regexp:{self.config_dir}/command_filter\n"
+        (self.config_dir / "main.cf").write_text(main_cf)
+        (self.config_dir / "master.cf").write_text(MASTER_CF.format(listen=f"127.0.0.1:{self.port}"))
+        # postfix(1) prints its errors only to a terminal: script(1) gives it one.
+        result = subprocess.run(
+            ["script", "-qec", f"postfix -c {self.config_dir} start", "/dev/null"],
+            capture_output=True, text=True, timeout=60,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"postfix did not start: {result.stdout}{result.stderr}{self.maillog}")
+        self._wait_listening()
+
+    def _wait_listening(self, limit: float = 30.0) -> None:
+        deadline = time.monotonic() + limit
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+                    sock.recv(512)
+                    sock.sendall(b"QUIT\r\n")
+                    return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"postfix is not listening on {self.port}:\n{self.maillog}") from None
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        subprocess.run(["postfix", "-c", str(self.config_dir), "abort"], capture_output=True, timeout=60)
+
+    def delivered(self) -> list[email.message.Message]:
+        """Every message in the catch-all Maildir, one per delivered recipient."""
+        new = self.root / "mail" / "catchall" / "new"
+        if not new.exists():
+            return []
+        return [email.message_from_bytes(path.read_bytes()) for path in sorted(new.iterdir())]
+
+    def wait_delivered(self, subject: str, count: int, limit: float = 60.0) -> list[email.message.Message]:
+        """The copies of the message with ``subject``, once ``count`` have arrived."""
+        deadline = time.monotonic() + limit
+        while True:
+            found = [m for m in self.delivered() if m["Subject"] == subject]
+            if len(found) >= count or time.monotonic() > deadline:
+                return found
+            time.sleep(0.1)
