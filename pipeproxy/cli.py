@@ -23,7 +23,7 @@ import trio
 from . import demo, logs
 from .capabilities import normalise_keywords
 from .config import Address, BareLineEndings, Config, Timeouts
-from .server import serve
+from .server import listen, serve
 
 ENV_PREFIX = "PIPEPROXY_"
 TIMEOUT_NAMES = [f.name for f in dataclasses.fields(Timeouts)]
@@ -161,11 +161,12 @@ def parse_demo(argv: Sequence[str], environ: dict[str, str]) -> argparse.Namespa
 
 
 async def run(config: Config) -> None:
-    """Serve until SIGTERM or SIGINT."""
+    """Serve until SIGTERM or SIGINT; OSError if the listening address cannot be had."""
     log = structlog.get_logger("pipeproxy")
+    listeners = await listen(config.listen)
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            await nursery.start(serve, config)
+            await nursery.start(serve, config, listeners)
             async for signum in signals:
                 log.info("stopping", signal=signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
@@ -181,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = parse_config(argv, environ)
     logs.configure(config.log_format, config.log_level)
     try:
-        trio.run(run, config, strict_exception_groups=False)
+        trio.run(run, config)
     except OSError as error:
         print(f"pipeproxy: error: cannot listen on {config.listen}: {error.strerror or error}", file=sys.stderr)
         return 2

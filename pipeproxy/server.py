@@ -16,10 +16,20 @@ from .proxy import proxy_connection
 BACKLOG = 4096
 
 
-async def serve(config: Config, *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED) -> None:
-    """Listen on ``config.listen`` and proxy every connection to ``config.upstream``."""
+async def listen(address: Address) -> list[trio.SocketListener]:
+    """The listening sockets for ``address``; OSError if it cannot be had."""
+    return await trio.open_tcp_listeners(address.port, host=address.host, backlog=BACKLOG)
+
+
+async def serve(
+    config: Config,
+    listeners: list[trio.SocketListener] | None = None,
+    *,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Proxy every connection on ``listeners`` (default: ``config.listen``) to ``config.upstream``."""
     log = structlog.get_logger("pipeproxy.server")
-    listeners = await trio.open_tcp_listeners(config.listen.port, host=config.listen.host, backlog=BACKLOG)
+    listeners = listeners or await listen(config.listen)
     addresses = [str(Address(*listener.socket.getsockname()[:2])) for listener in listeners]
     log.info("listening", addresses=addresses, upstream=str(config.upstream))
 

@@ -1,0 +1,167 @@
+"""The command line as an operator meets it: flags, variables, errors, logs, the demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+
+import pytest
+import trio
+from peers import start_legacy
+
+from pipeproxy.cli import parse_config
+from pipeproxy.config import Address, BareLineEndings
+from pipeproxy.legacy_mta import LegacyMTA
+
+PIPEPROXY = [sys.executable, "-m", "pipeproxy"]
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PIPEPROXY_")}
+    return subprocess.run([*PIPEPROXY, *args], capture_output=True, text=True, timeout=60, env={**environ, **(env or {})})
+
+
+def test_help_explains_every_flag_and_its_variable():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for flag, variable in [
+        ("--listen", "PIPEPROXY_LISTEN"),
+        ("--upstream", "PIPEPROXY_UPSTREAM"),
+        ("--log-format", "PIPEPROXY_LOG_FORMAT"),
+        ("--log-level", "PIPEPROXY_LOG_LEVEL"),
+        ("--discard-ehlo-keyword", "PIPEPROXY_DISCARD_EHLO_KEYWORDS"),
+        ("--max-line-length", "PIPEPROXY_MAX_LINE_LENGTH"),
+        ("--bare-line-endings", "PIPEPROXY_BARE_LINE_ENDINGS"),
+        ("--timeout", "PIPEPROXY_TIMEOUTS"),
+    ]:
+        assert flag in result.stdout and variable in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "says"),
+    [
+        (["--bogus"], {}, "unrecognized arguments: --bogus"),
+        (["--upstream", "mx.example"], {}, "is not HOST:PORT"),
+        (["--upstream", "127.0.0.1:99999"], {}, "port must be a number"),
+        (["--upstream", "999.1.1.1:25"], {}, "is not an IP address"),
+        (["--upstream", "::1:25"], {}, "write an IPv6 address in brackets"),
+        ([], {}, "--upstream HOST:PORT (or PIPEPROXY_UPSTREAM) is required"),
+        (["--upstream", "127.0.0.1:25", "--log-level", "loud"], {}, "invalid choice: 'loud'"),
+        (["--upstream", "127.0.0.1:25", "--timeout", "forever=1"], {}, "timeout name must be one of"),
+        (["--upstream", "127.0.0.1:25", "--timeout", "rcpt=soon"], {}, "positive number of seconds"),
+        ([], {"PIPEPROXY_UPSTREAM": "127.0.0.1:25", "PIPEPROXY_MAX_LINE_LENGTH": "big"}, "PIPEPROXY_MAX_LINE_LENGTH:"),
+        ([], {"PIPEPROXY_UPSTREAM": "127.0.0.1:25", "PIPEPROXY_LOG_FORMAT": "xml"}, "PIPEPROXY_LOG_FORMAT:"),
+    ],
+)
+def test_bad_flags_and_variables_give_one_line_and_status_2(args, env, says):
+    result = run_cli(*args, env=env)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("pipeproxy: error: ")
+    assert says in result.stderr
+
+
+def test_an_address_already_in_use_gives_one_line_and_status_2():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("--listen", f"127.0.0.1:{port}", "--upstream", "127.0.0.1:25")
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"pipeproxy: error: cannot listen on 127.0.0.1:{port}: ")
+    assert "Traceback" not in result.stderr
+
+
+def test_variables_configure_everything_and_flags_win():
+    env = {
+        "PIPEPROXY_LISTEN": "[::1]:2600",
+        "PIPEPROXY_UPSTREAM": "mta.internal:2525",
+        "PIPEPROXY_LOG_LEVEL": "DEBUG",
+        "PIPEPROXY_DISCARD_EHLO_KEYWORDS": "dsn, etrn vrfy",
+        "PIPEPROXY_BARE_LINE_ENDINGS": "reject",
+        "PIPEPROXY_TIMEOUTS": "data_end=900,rcpt=60",
+    }
+    config = parse_config([], env)
+    assert config.listen == Address("::1", 2600)
+    assert config.upstream == Address("mta.internal", 2525)
+    assert config.log_level == "debug"
+    assert config.discard_ehlo_keywords == {"DSN", "ETRN", "VRFY"}
+    assert config.bare_line_endings is BareLineEndings.REJECT
+    assert (config.timeouts.data_end, config.timeouts.rcpt, config.timeouts.mail) == (900, 60, 300)
+    flagged = parse_config(["--listen", "127.0.0.1:2601", "--discard-ehlo-keyword", "size"], env)
+    assert flagged.listen == Address("127.0.0.1", 2601)
+    assert flagged.discard_ehlo_keywords == {"SIZE"}
+
+
+async def read_json_lines(stream, until_event: str, lines: list[dict]) -> dict:
+    """Parse JSON log lines from a process until one has the event asked for."""
+    buffer = b""
+    while True:
+        while b"\n" not in buffer:
+            data = await stream.receive_some(65536)
+            assert data, f"process ended before {until_event!r}: {lines}"
+            buffer += data
+        line, buffer = buffer.split(b"\n", 1)
+        lines.append(json.loads(line))
+        if lines[-1]["event"] == until_event:
+            return lines[-1]
+
+
+def send_over_ipv6(port: int) -> dict:
+    with smtplib.SMTP("::1", port, local_hostname="client.test") as smtp:
+        return smtp.sendmail("s@client.test", ["a@legacy.test", "reject@legacy.test"], b"Subject: v6\r\n\r\nhi\r\n")
+
+
+async def test_the_proxy_process_serves_ipv6_logs_json_and_stops_on_sigterm(nursery):
+    """A real `python -m pipeproxy` on [::1]: mail flows, every log line is JSON, SIGTERM ends it."""
+    mta = LegacyMTA(reply_delay=0.002)
+    upstream = await start_legacy(nursery, mta)
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PIPEPROXY_")}
+    environ.update(PIPEPROXY_LISTEN="[::1]:0", PIPEPROXY_UPSTREAM=str(upstream))
+    process = await trio.lowlevel.open_process(PIPEPROXY, stdout=subprocess.PIPE, env=environ)
+    lines: list[dict] = []
+    try:
+        listening = await read_json_lines(process.stdout, "listening", lines)
+        [address] = listening["addresses"]
+        port = Address.parse(address).port
+        refused = await trio.to_thread.run_sync(send_over_ipv6, port)
+        assert list(refused) == ["reject@legacy.test"]
+        session_closed = await read_json_lines(process.stdout, "session closed", lines)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(30):
+            status = await process.wait()
+    assert status == 0
+    assert mta.messages[0].recipients == ["a@legacy.test"] and mta.violations == []
+    [transaction] = [line for line in lines if line["event"] == "transaction"]
+    assert transaction["sender"] == "s@client.test"
+    assert (transaction["recipients_accepted"], transaction["recipients_rejected"]) == (1, 1)
+    assert transaction["reply_code"] == 250 and transaction["size"] == len(b"Subject: v6\r\n\r\nhi\r\n")
+    assert session_closed["client"].startswith("[::1]:") and session_closed["messages"] == 1
+    assert {"session", "duration", "commands", "timestamp", "level"} <= set(session_closed)
+
+
+def test_stdlib_log_records_come_out_as_json():
+    """trio's and other libraries' logging records share the JSON format."""
+    code = "import logging; from pipeproxy import logs; logs.configure('json', 'info'); logging.getLogger('trio').warning('from stdlib')"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    line = json.loads(result.stdout)
+    assert (line["event"], line["level"]) == ("from stdlib", "warning")
+
+
+def test_demo_shows_the_refusal_the_delivery_and_the_round_trips_saved():
+    """`pipeproxy demo` needs no MTA: it runs its own, and says what pipeproxy saved."""
+    result = run_cli("demo")
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "554 5.5.0 SMTP synchronization error" in out
+    assert "10 of 10 recipients accepted; message: 250" in out
+    assert "counted 0 synchronization errors from pipeproxy" in out
+    assert "client round trips: 5 through pipeproxy, instead of 16 lock-step" in out
+    events = [json.loads(line)["event"] for line in out.splitlines() if line.startswith("{")]
+    assert {"listening", "session open", "transaction", "session closed"} <= set(events)
