@@ -283,7 +283,9 @@ class BodyReframer:
             if self.reject_bare:
                 self.tainted = True
                 return b""
-            data = _LINE_BREAKS.sub(CRLF, data.replace(b"\x00", b""))
+            # Line breaks first, NUL after: a NUL between CR and LF must not join them
+            # into one CRLF, or the result would depend on where the input was cut.
+            data = _LINE_BREAKS.sub(CRLF, data).replace(b"\x00", b"")
             if not data:
                 return b""
         if self._out_line_start and data.startswith(b"."):

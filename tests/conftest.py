@@ -1,12 +1,20 @@
-"""Shared test set-up: assertion rewriting for the transcript helpers."""
+"""Shared test set-up: assertion rewriting for the helpers, hypothesis profiles, and
+the private Postfix instances (session-wide: starting one takes a few seconds)."""
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
-pytest.register_assert_rewrite("transcript")
+pytest.register_assert_rewrite("transcript", "peers")
+
+# HYPOTHESIS_PROFILE=long for a deeper search than CI's default 100 examples per test.
+settings.register_profile("long", max_examples=20_000, deadline=None)
+settings.register_profile("default", deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 @pytest.fixture(scope="session")
