@@ -314,7 +314,11 @@ class Session:
             outcome = "message accepted" if code < 400 else "message refused"
 
         self._hold(upstream_reply.serialise())
-        if verb == "QUIT":
+        if code == 421:
+            # The upstream is closing the channel (RFC 5321 §3.8): what is still queued
+            # cannot be answered by it.
+            self._fail(None, f"upstream answered {verb} with 421")
+        elif verb == "QUIT":
             self._close("client quit", clean=True)
         elif verb not in GROUPABLE or not self._commands.has_line():
             self._flush()

@@ -8,6 +8,7 @@ purpose (drop mid-DATA, never greet). Everything listens on 127.0.0.1 only.
 from __future__ import annotations
 
 import dataclasses
+import json
 import functools
 import socket
 from collections.abc import Awaitable, Callable
@@ -103,6 +104,20 @@ async def start_upstream(nursery: trio.Nursery, script: Callable[[Peer], Awaitab
 async def start_legacy(nursery: trio.Nursery, mta) -> Address:
     [listener] = await nursery.start(mta.serve, LOCALHOST, 0)
     return Address(LOCALHOST, listener.socket.getsockname()[1])
+
+
+async def read_json_lines(stream, until_event: str, lines: list[dict]) -> dict:
+    """Parse JSON log lines from a process until one has the event asked for."""
+    buffer = b""
+    while True:
+        while b"\n" not in buffer:
+            data = await stream.receive_some(65536)
+            assert data, f"process ended before {until_event!r}: {lines}"
+            buffer += data
+        line, buffer = buffer.split(b"\n", 1)
+        lines.append(json.loads(line))
+        if lines[-1]["event"] == until_event:
+            return lines[-1]
 
 
 def closed_port() -> Address:

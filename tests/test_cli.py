@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import trio
-from peers import start_legacy
+from peers import read_json_lines, start_legacy
 
 from pipeproxy.cli import parse_config
 from pipeproxy.config import Address, BareLineEndings
@@ -96,20 +96,6 @@ def test_variables_configure_everything_and_flags_win():
     flagged = parse_config(["--listen", "127.0.0.1:2601", "--discard-ehlo-keyword", "size"], env)
     assert flagged.listen == Address("127.0.0.1", 2601)
     assert flagged.discard_ehlo_keywords == {"SIZE"}
-
-
-async def read_json_lines(stream, until_event: str, lines: list[dict]) -> dict:
-    """Parse JSON log lines from a process until one has the event asked for."""
-    buffer = b""
-    while True:
-        while b"\n" not in buffer:
-            data = await stream.receive_some(65536)
-            assert data, f"process ended before {until_event!r}: {lines}"
-            buffer += data
-        line, buffer = buffer.split(b"\n", 1)
-        lines.append(json.loads(line))
-        if lines[-1]["event"] == until_event:
-            return lines[-1]
 
 
 def send_over_ipv6(port: int) -> dict:

@@ -159,3 +159,19 @@ async def test_smtplib_sends_two_messages_in_one_session(nursery, mta):
     assert [(m.sender, m.recipients) for m in mta.messages] == [("a@client.test", ["one@legacy.test"]), ("b@client.test", ["two@legacy.test"])]
     assert b"Subject: second" in mta.messages[1].content
     assert mta.violations == []
+
+
+async def test_backpressure_keeps_order_when_the_client_sends_more_than_the_proxy_holds(nursery, mta):
+    """600 pipelined NOOPs (7 KB) against a 1 KiB input limit: all answered, in order, no early byte."""
+    proxy = await start_proxy(nursery, await start_legacy(nursery, mta), max_pipeline_bytes=1024)
+    peer = await open_session(proxy)
+    count = 600
+
+    async def send_all_noops():
+        await peer.send(b"".join(b"NOOP %d\r\n" % i for i in range(count)))
+
+    async with trio.open_nursery() as senders:
+        senders.start_soon(send_all_noops)
+        replies = await peer.replies(count)
+    assert all(r.code == 250 for r in replies)
+    assert mta.commands.count("NOOP") == count and mta.violations == []

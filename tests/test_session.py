@@ -494,6 +494,25 @@ def test_unprompted_421_from_upstream_is_relayed_and_closes():
     play_every_way(OPENED + [(U, b"421 4.3.2 Shutting down\r\n"), (TO_CLIENT, b"421 4.3.2 Shutting down\r\n"), (CLOSED,)])
 
 
+def test_upstream_421_reply_is_relayed_and_queued_commands_get_421():
+    """A 421 ends the upstream's side (RFC 5321 §3.8): relayed, the rest answered, closed."""
+    play_every_way(
+        OPENED
+        + [
+            (C, b"MAIL FROM:<s@client.test>\r\nRCPT TO:<a@legacy.test>\r\n"),
+            (TO_UPSTREAM, b"MAIL FROM:<s@client.test>\r\n"),
+            (U, b"421 4.7.0 Too many connections\r\n"),
+            (TO_CLIENT, b"421 4.7.0 Too many connections\r\n421 4.4.2 Upstream server unavailable, closing connection\r\n"),
+            (CLOSED,),
+        ]
+    )
+
+
+def test_upstream_421_greeting_is_relayed_and_closes():
+    """A busy upstream's 421 banner is the client's banner too, and nothing more."""
+    play_every_way([(U, b"421 4.3.2 busy\r\n"), (TO_CLIENT, b"421 4.3.2 busy\r\n"), (CLOSED,)])
+
+
 def test_garbage_from_upstream_closes_with_421():
     """A reply that is not SMTP means the upstream cannot be trusted any more."""
     play(
