@@ -32,16 +32,28 @@ def normalise_keywords(words: Iterable[str]) -> frozenset[str]:
     return frozenset(word.strip().upper() for word in words if word.strip())
 
 
-def rewrite_ehlo(upstream: Reply, discard: frozenset[str] = frozenset()) -> tuple[Reply, tuple[str, ...]]:
+def rewrite_ehlo(
+    upstream: Reply, discard: frozenset[str] = frozenset(), max_size: int = 0
+) -> tuple[Reply, tuple[str, ...]]:
     """The client's EHLO reply, and the keywords removed from the upstream's.
 
     ``discard`` holds extra keywords to drop, upper-cased; PIPELINING is never dropped,
-    since pipeproxy provides it whatever the upstream does.
+    since pipeproxy provides it whatever the upstream does. ``max_size``, if set, is
+    pipeproxy's own message size limit: the advertised SIZE becomes the smaller of the
+    two (RFC 1870 §4; SIZE 0 or no number means no limit).
     """
     greeting, *extensions = upstream.lines
     removed = NOT_RELAYABLE | (discard - {PIPELINING})
     kept = [line for line in extensions if keyword(line) not in removed]
     dropped = tuple(keyword(line) for line in extensions if keyword(line) in removed)
+    if max_size:
+        sizes = [i for i, line in enumerate(kept) if keyword(line) == "SIZE"]
+        if not sizes:
+            kept.append(f"SIZE {max_size}")
+        for i in sizes:
+            limit = kept[i].partition(" ")[2].strip()
+            if not limit.isdigit() or int(limit) == 0 or int(limit) > max_size:
+                kept[i] = f"SIZE {max_size}"
     if not any(keyword(line) == PIPELINING for line in kept):
         kept.append(PIPELINING)
     return Reply(upstream.code, (greeting, *kept)), dropped

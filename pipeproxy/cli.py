@@ -55,6 +55,12 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
+def non_negative_int(text: str) -> int:
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (0 or more)")
+    return int(text)
+
+
 def timeout(text: str) -> tuple[str, float]:
     name, _, seconds = text.partition("=")
     name = name.strip().lower().replace("-", "_")
@@ -87,6 +93,19 @@ OPTIONS: list[tuple[str, str, Callable[[str], Any], bool, dict[str, Any]]] = [
     ("--max-pipeline-bytes", "MAX_PIPELINE_BYTES", positive_int, False,
      dict(metavar="OCTETS", help="pipelined client input held while the upstream answers; "
           "beyond it pipeproxy stops reading (default 262144)")),
+    ("--max-recipients", "MAX_RECIPIENTS", positive_int, False,
+     dict(metavar="COUNT", help="RCPT commands per message; more get 452 (default 1000)")),
+    ("--max-message-size", "MAX_MESSAGE_SIZE", non_negative_int, False,
+     dict(metavar="OCTETS", help="pipeproxy's own message size limit: advertised in SIZE, larger messages get 552; "
+          "0 leaves it to the upstream (default 0)")),
+    ("--max-reply-size", "MAX_REPLY_SIZE", positive_int, False,
+     dict(metavar="OCTETS", help="longest reply accepted from the upstream, all lines together; "
+          "longer is a broken upstream and ends the session with 421 (default 16384)")),
+    ("--max-sessions", "MAX_SESSIONS", positive_int, False,
+     dict(metavar="COUNT", help="concurrent client sessions; beyond it a new client gets 421 at once (default 1000)")),
+    ("--min-data-rate", "MIN_DATA_RATE", non_negative_int, False,
+     dict(metavar="OCTETS_PER_SECOND", help="slowest message content accepted, averaged over the message, "
+          "like Postfix's smtpd_min_data_rate; 0 turns it off (default 500)")),
     ("--bare-line-endings", "BARE_LINE_ENDINGS", str.lower, False,
      dict(choices=[policy.value for policy in BareLineEndings],
           help="bare CR, bare LF or NUL in message content: neutralise turns CR and LF into CRLF and drops NUL "
@@ -133,16 +152,19 @@ def parse_config(argv: Sequence[str], environ: dict[str, str]) -> Config:
     from_environment(parser, args, environ)
     if args.upstream is None:
         parser.error(f"--upstream HOST:PORT (or {ENV_PREFIX}UPSTREAM) is required")
-    defaults = Config()
+    # Options named like Config's fields pass straight through when given.
+    given = {
+        name: value
+        for name in ("listen", "upstream", "log_level", "max_line_length", "max_pipeline_bytes", "max_recipients",
+                     "max_message_size", "max_reply_size", "max_sessions", "min_data_rate")
+        if (value := getattr(args, name)) is not None
+    }
+    if args.bare_line_endings is not None:
+        given["bare_line_endings"] = BareLineEndings(args.bare_line_endings)
     return Config(
-        listen=args.listen or defaults.listen,
-        upstream=args.upstream,
+        **given,
         log_format=args.log_format or logs.default_format(sys.stdout),
-        log_level=args.log_level or defaults.log_level,
         discard_ehlo_keywords=normalise_keywords(args.discard_ehlo_keyword or ()),
-        max_line_length=args.max_line_length or defaults.max_line_length,
-        max_pipeline_bytes=args.max_pipeline_bytes or defaults.max_pipeline_bytes,
-        bare_line_endings=BareLineEndings(args.bare_line_endings or defaults.bare_line_endings.value),
         timeouts=dataclasses.replace(Timeouts(), **dict(args.timeout or ())),
     )
 

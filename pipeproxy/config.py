@@ -11,7 +11,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from .wire import DEFAULT_MAX_COMMAND_LINE
+from .wire import DEFAULT_MAX_COMMAND_LINE, DEFAULT_MAX_REPLY_SIZE
 
 
 class Address(NamedTuple):
@@ -71,5 +71,14 @@ class Config:
     max_line_length: int = DEFAULT_MAX_COMMAND_LINE
     # Pipelined client input held while the upstream answers; past it, stop reading.
     max_pipeline_bytes: int = 256 * 1024
+    # RFC 5321 §4.5.3.1.8: a server must accept at least 100 recipients per message.
+    max_recipients: int = 1000
+    # Octets of message content; 0 leaves size to the upstream's own SIZE limit.
+    max_message_size: int = 0
+    max_reply_size: int = DEFAULT_MAX_REPLY_SIZE
+    max_sessions: int = 1000
+    # Octets per second over a whole message, like Postfix's smtpd_min_data_rate: a
+    # client trickling content is cut off even if each byte beats data_block; 0: off.
+    min_data_rate: int = 500
     bare_line_endings: BareLineEndings = BareLineEndings.NEUTRALISE
     timeouts: Timeouts = field(default_factory=Timeouts)

@@ -24,6 +24,7 @@ the session closes: the client never sees a success the upstream did not give.
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +42,12 @@ REFUSED = {
     "BDAT": reply(502, "5.5.1 Error: BDAT is not available through this proxy"),
 }
 UNAVAILABLE = reply(421, "4.4.2 Upstream server unavailable, closing connection")
+TOO_MANY_RECIPIENTS = reply(452, "4.5.3 Error: too many recipients")
+TOO_BIG = Reply(552, ("5.3.4 Message size exceeds fixed maximum message size",))
+TOO_BIG_REASON = "message too big"
+BARE_LINE_ENDING = Reply(550, ("5.6.0 Message refused: bare CR, LF or NUL in content",))
+# RFC 1870 §3: the SIZE parameter of MAIL FROM declares the message size in octets.
+_SIZE_PARAMETER = re.compile(r"\sSIZE=(\d+)", re.IGNORECASE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +100,7 @@ class _Transaction:
     """One mail transaction, MAIL to its final reply, for the canonical log line."""
 
     sender: str
+    recipients: int = 0  # RCPT commands sent upstream
     accepted: int = 0
     rejected: int = 0
     size: int = 0
@@ -106,7 +114,7 @@ class Session:
         self._clock = clock
         self._debug = config.log_level == "debug"
         self._commands = CommandReader(config.max_line_length)
-        self._replies = ReplyReader()
+        self._replies = ReplyReader(config.max_reply_size)
         self._body: BodyReframer | None = None
         self._mode = Mode.COMMAND
         self._actions: list[Action] = []
@@ -115,7 +123,8 @@ class Session:
         self._transaction: _Transaction | None = None
         self._client_eof = False
         self._client_wait_since: float | None = None
-        self._body_deadline = 0.0
+        self._body_started = self._body_last = 0.0
+        self._body_received = 0  # client octets since 354, for the minimum data rate
         now = clock()
         self._outstanding: _Outstanding | None = _Outstanding("GREETING", "", now, now + config.timeouts.greeting)
         self.commands = 0  # command lines received from the client
@@ -182,7 +191,12 @@ class Session:
         if self._outstanding is not None:
             return self._outstanding.deadline
         if self._mode is Mode.BODY:
-            return self._body_deadline
+            # RFC 5321 §4.5.3.2.5 per block, and a minimum rate over the whole message.
+            deadline = self._body_last + self.config.timeouts.data_block
+            if self.config.min_data_rate:
+                allowance = self._body_received / self.config.min_data_rate
+                deadline = min(deadline, self._body_started + self.config.timeouts.data_block + allowance)
+            return deadline
         if self._client_wait_since is not None:
             return self._client_wait_since + self.config.timeouts.client_idle
         return float("inf")
@@ -216,8 +230,7 @@ class Session:
             except ProtocolError as error:
                 self.commands += 1
                 self._log("info", "command refused", reason=error.reason)
-                self._hold(error.reply)
-                self._flush()
+                self._answer(error.reply, "")
                 continue
             if line is None:
                 self._flush()
@@ -240,12 +253,23 @@ class Session:
         verb = verb.upper()
         if verb in REFUSED:
             self._log("info", "command refused", verb=verb, reason="not relayable")
-            self._hold(REFUSED[verb])
-            self._flush()
+            self._answer(REFUSED[verb], verb)
             return
+        transaction = self._transaction
         if verb == "MAIL":
             self._end_transaction(None, "new MAIL command")
+            declared = _SIZE_PARAMETER.search(argument)
+            if self.config.max_message_size and declared and int(declared[1]) > self.config.max_message_size:
+                self._log("info", "command refused", verb=verb, reason="declared SIZE over the limit")
+                self._answer(TOO_BIG.serialise(), verb)
+                return
             self._transaction = _Transaction(sender=mailbox(argument))
+        elif verb == "RCPT" and transaction is not None:
+            if transaction.recipients >= self.config.max_recipients:
+                self._log("info", "command refused", verb=verb, reason="too many recipients")
+                self._answer(TOO_MANY_RECIPIENTS, verb)
+                return
+            transaction.recipients += 1
         elif verb in ("RSET", "HELO", "EHLO", "QUIT"):
             self._end_transaction(None, f"{verb} command")
         self._send_command(verb, argument, line)
@@ -289,7 +313,9 @@ class Session:
         elif verb == "HELO-FALLBACK" and code == 250:
             upstream_reply = ehlo_from_helo(upstream_reply)
         elif verb == "EHLO" and code == 250:
-            upstream_reply, dropped = rewrite_ehlo(upstream_reply, self.config.discard_ehlo_keywords)
+            upstream_reply, dropped = rewrite_ehlo(
+                upstream_reply, self.config.discard_ehlo_keywords, self.config.max_message_size
+            )
             self._log("info", "ehlo rewritten", removed=list(dropped))
         elif verb == "AUTH" and code == 334:
             self._mode = Mode.SASL
@@ -313,15 +339,16 @@ class Session:
             self.messages += code < 400
             outcome = "message accepted" if code < 400 else "message refused"
 
-        self._hold(upstream_reply.serialise())
         if code == 421:
             # The upstream is closing the channel (RFC 5321 §3.8): what is still queued
             # cannot be answered by it.
+            self._hold(upstream_reply.serialise())
             self._fail(None, f"upstream answered {verb} with 421")
         elif verb == "QUIT":
+            self._hold(upstream_reply.serialise())
             self._close("client quit", clean=True)
-        elif verb not in GROUPABLE or not self._commands.has_line():
-            self._flush()
+        else:
+            self._answer(upstream_reply.serialise(), verb)
         if outcome:
             self._end_transaction(upstream_reply, outcome)
 
@@ -338,6 +365,8 @@ class Session:
 
     def _start_body(self) -> None:
         self._mode = Mode.BODY
+        self._body_started = self._clock()
+        self._body_received = 0
         self._body = BodyReframer(reject_bare=self.config.bare_line_endings is BareLineEndings.REJECT)
         self._stream_body(self._commands.take_rest())
         if self._client_eof and self._mode is Mode.BODY:
@@ -346,11 +375,14 @@ class Session:
     def _stream_body(self, data: bytes) -> None:
         body = self._body
         assert body is not None
-        self._body_deadline = self._clock() + self.config.timeouts.data_block
+        self._body_last = self._clock()
+        self._body_received += len(data)
         if not data:
             return
         out = body.feed(data)
-        if out:
+        if self.config.max_message_size and body.size > self.config.max_message_size:
+            body.refuse(TOO_BIG_REASON)
+        elif out:
             self._emit(ToUpstream(out))
         if not body.done:
             return
@@ -359,12 +391,12 @@ class Session:
         if self._transaction is not None:
             self._transaction.size = body.size
         self._commands.feed(body.leftover)
-        if body.tainted:
+        if body.refused:
             # Part of the message is upstream already; only dropping the connection
             # without a final dot keeps it from being delivered.
-            refusal = Reply(550, ("5.6.0 Message refused: bare CR, LF or NUL in content",))
-            self._end_transaction(refusal, "refused: bare CR, LF or NUL in content")
-            self._fail(refusal.serialise(), "bare CR, LF or NUL in message content")
+            refusal = TOO_BIG if body.refused == TOO_BIG_REASON else BARE_LINE_ENDING
+            self._end_transaction(refusal, f"refused: {body.refused}")
+            self._fail(refusal.serialise(), f"message refused: {body.refused}")
             return
         now = self._clock()
         self._outstanding = _Outstanding(".", "", now, now + self.config.timeouts.data_end)
@@ -379,6 +411,12 @@ class Session:
 
     def _hold(self, data: bytes) -> None:
         self._held.append(data)
+
+    def _answer(self, data: bytes, verb: str) -> None:
+        """Hold the reply to ``verb``; send the group unless more of it may follow."""
+        self._hold(data)
+        if verb not in GROUPABLE or not self._commands.has_line():
+            self._flush()
 
     def _flush(self) -> None:
         """Send every held reply in one write (RFC 2920 §3.2 rule 4)."""

@@ -29,10 +29,9 @@ CRLF = b"\r\n"
 DEFAULT_MAX_COMMAND_LINE = 512
 # RFC 4954 §4: SASL exchanges may send lines of up to 12288 octets.
 MAX_AUTH_LINE = 12288
-# RFC 5321 §4.5.3.1.5 says 512 for a reply line; real MTAs exceed it a little, so
-# pipeproxy allows more but still bounds it, with a bounded number of lines.
-MAX_REPLY_LINE = 2048
-MAX_REPLY_LINES = 200
+# RFC 5321 §4.5.3.1.5 says 512 for a reply line; real MTAs exceed it, and EHLO replies
+# run to many lines, so pipeproxy bounds a whole reply instead, generously.
+DEFAULT_MAX_REPLY_SIZE = 16 * 1024
 
 
 class ProtocolError(Exception):
@@ -143,16 +142,15 @@ class CommandReader:
 class ReplyReader:
     """Upstream output cut into complete replies, each bounded in size."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_size: int = DEFAULT_MAX_REPLY_SIZE) -> None:
+        self.max_size = max_size
         self._buffer = bytearray()
         self._lines: list[str] = []
         self._code: int | None = None
+        self._size = 0  # octets of the reply being read, lines already taken included
 
     def feed(self, data: bytes) -> None:
         self._buffer += data
-
-    def __len__(self) -> int:
-        return len(self._buffer)
 
     def pending(self) -> bool:
         """Whether any part of a reply has arrived and not been returned yet."""
@@ -161,25 +159,21 @@ class ReplyReader:
     def next_reply(self) -> Reply | None:
         while True:
             end = self._buffer.find(b"\n")
+            if self._size + (len(self._buffer) if end < 0 else end + 1) > self.max_size:
+                raise _bad_upstream("reply too long")
             if end < 0:
-                if len(self._buffer) > MAX_REPLY_LINE:
-                    raise _bad_upstream("reply line too long")
                 return None
             raw = bytes(self._buffer[:end]).removesuffix(b"\r")
             del self._buffer[: end + 1]
-            if end > MAX_REPLY_LINE:
-                raise _bad_upstream("reply line too long")
+            self._size += end + 1
             code, last, text = _parse_reply_line(raw)
             if self._code is not None and code != self._code:
                 raise _bad_upstream("multi-line reply changes its code")
             self._code = code
             self._lines.append(text)
-            if len(self._lines) > MAX_REPLY_LINES:
-                raise _bad_upstream("reply has too many lines")
             if last:
                 complete = Reply(code, tuple(self._lines))
-                self._lines = []
-                self._code = None
+                self._lines, self._code, self._size = [], None, 0
                 return complete
 
 
@@ -213,14 +207,16 @@ class BodyReframer:
     pipelined commands (RFC 2920 §3.1).
 
     With ``reject_bare`` false, bare CR and bare LF become CRLF and NUL is dropped; then
-    every line that starts with a dot is stuffed. With it true, the first such byte taints
-    the message: nothing more is produced, and the caller must not deliver it.
+    every line that starts with a dot is stuffed. With it true, the first such byte
+    refuses the message. Once ``refused`` (by that, or by the caller through
+    ``refuse``), nothing more is produced; the end is still found, and the caller must
+    not let the message be delivered.
     """
 
     def __init__(self, reject_bare: bool = False) -> None:
         self.reject_bare = reject_bare
         self.done = False
-        self.tainted = False
+        self.refused: str | None = None  # why the message must not be delivered
         self.leftover = b""
         self.size = 0  # octets of content received from the client
         self._client_line_start = True  # the client's framing: at the start of a line
@@ -234,9 +230,12 @@ class BodyReframer:
         self.size += len(content)
         return self._frame(content)
 
+    def refuse(self, reason: str) -> None:
+        self.refused = self.refused or reason
+
     def finish(self) -> bytes:
         """The terminator pipeproxy writes, once the client's was seen."""
-        assert self.done and not self.tainted
+        assert self.done and not self.refused
         return b".\r\n" if self._out_line_start else b"\r\n.\r\n"
 
     def _unframe(self, buf: bytes) -> bytes:
@@ -277,11 +276,11 @@ class BodyReframer:
         until it knows whether LF follows), so a CRLF is never split between calls and a
         line break at the start of ``data`` is truly bare.
         """
-        if self.tainted or not data:
+        if self.refused or not data:
             return b""
         if _BARE.search(data):
             if self.reject_bare:
-                self.tainted = True
+                self.refuse("bare CR, LF or NUL in content")
                 return b""
             # Line breaks first, NUL after: a NUL between CR and LF must not join them
             # into one CRLF, or the result would depend on where the input was cut.

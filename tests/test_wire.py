@@ -34,7 +34,7 @@ def reframe(data: bytes, pieces_at: list[int] = (), reject: bool = False) -> tup
         out += body.feed(pieces.pop(0))
     if body.done:
         body.leftover += b"".join(pieces)
-        if not body.tainted:
+        if not body.refused:
             out += body.finish()
     return out, body
 
@@ -87,7 +87,7 @@ def test_smuggling_terminators_never_end_the_message(variant):
     out, body = reframe(data + b".\r\n")
     assert body.done and out.endswith(b"\r\n.\r\n") and out.count(b"\r\n.\r\n") == 1
     _, rejecting = reframe(data + b".\r\n", reject=True)
-    assert rejecting.tainted
+    assert rejecting.refused
 
 
 def test_reject_policy_taints_and_produces_nothing_after_the_bad_byte():
@@ -95,7 +95,7 @@ def test_reject_policy_taints_and_produces_nothing_after_the_bad_byte():
     assert body.feed(b"good\r\n") == b"good\r\n"
     assert body.feed(b"bad\nline\r\n") == b""
     assert body.feed(b"more\r\n.\r\n") == b""
-    assert body.done and body.tainted
+    assert body.done and body.refused
 
 
 def test_empty_message_and_client_dot_stuffing():
@@ -155,7 +155,8 @@ def test_replies_multiline_and_cut_anywhere(size):
 
 @pytest.mark.parametrize(
     "data",
-    [b"HTTP/1.1 200 OK\r\n", b"25 short\r\n", b"250x\r\n", b"250-a\r\n251 b\r\n", b"2" * 5000, b"650 no\r\n"],
+    [b"HTTP/1.1 200 OK\r\n", b"25 short\r\n", b"250x\r\n", b"250-a\r\n251 b\r\n", b"2" * 20000, b"650 no\r\n",
+     b"250-long\r\n" * 2000 + b"250 end\r\n"],
 )
 def test_malformed_replies_are_protocol_errors(data):
     reader = ReplyReader()
