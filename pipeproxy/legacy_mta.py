@@ -8,10 +8,15 @@ records the violation. Messages it accepts are kept in memory, with their envelo
 
 It is deliberately small: HELO/EHLO, MAIL, RCPT, DATA, RSET, NOOP, VRFY, QUIT. A
 recipient whose local part starts with ``reject`` is refused with 550.
+
+With ``lenient=True`` it reads lines as the old MTAs that SMTP smuggling exploits do: a
+bare LF or a bare CR ends a line as well as CRLF, and NUL bytes are dropped, so
+``<LF>.<LF>``, ``<CR>.<CR>`` or ``<CRLF>.<NUL><CRLF>`` ends a message. The smuggling tests aim at that.
 """
 
 from __future__ import annotations
 
+import re
 import socket
 from dataclasses import dataclass, field
 
@@ -22,6 +27,9 @@ from .wire import mailbox
 GREETING = ("legacy.test ESMTP legacy MTA, no PIPELINING",)
 EXTENSIONS = ("SIZE 10240000", "8BITMIME", "ENHANCEDSTATUSCODES")
 MAX_LINE = 4096
+STRICT_LINE_END = re.compile(rb"\r\n")
+# Any line break, but a CR at the very end of the buffer may still be half a CRLF.
+LENIENT_LINE_END = re.compile(rb"\r\n|\n|\r(?=[^\n])")
 
 
 @dataclass
@@ -39,6 +47,8 @@ class LegacyMTA:
     # Waiting a moment before each reply gives a client that sends early the time to
     # be caught; 0 checks only what has already arrived.
     reply_delay: float = 0.0
+    enforce_sync: bool = True  # False: accept early input silently, like `smtp-sink -p`
+    lenient: bool = False
     messages: list[Message] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
     commands: list[str] = field(default_factory=list)
@@ -131,7 +141,7 @@ class _Conversation:
         """Send a reply unless the client jumped the gun; False ends the conversation."""
         if self.mta.reply_delay:
             await trio.sleep(self.mta.reply_delay)
-        if self.buffer or self.input_waiting():
+        if self.mta.enforce_sync and (self.buffer or self.input_waiting()):
             self.mta.violations.append(f"input before the reply to {after}")
             await self.stream.send_all(b"554 5.5.0 SMTP synchronization error\r\n")
             return False
@@ -148,15 +158,18 @@ class _Conversation:
             return False
 
     async def read_line(self) -> str:
-        while (end := self.buffer.find(b"\r\n")) < 0:
+        line_end = LENIENT_LINE_END if self.mta.lenient else STRICT_LINE_END
+        while (match := line_end.search(self.buffer)) is None:
             if len(self.buffer) > MAX_LINE:
                 raise EOFError("line too long")
             data = await self.stream.receive_some(65536)
             if not data:
                 raise EOFError
             self.buffer += data
-        line = bytes(self.buffer[:end])
-        del self.buffer[: end + 2]
+        line = bytes(self.buffer[: match.start()])
+        del self.buffer[: match.end()]
+        if self.mta.lenient:
+            line = line.replace(b"\x00", b"")
         return line.decode("utf-8", "surrogateescape")
 
     async def read_content(self) -> bytes:
