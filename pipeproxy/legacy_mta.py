@@ -52,6 +52,8 @@ class LegacyMTA:
     messages: list[Message] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
     commands: list[str] = field(default_factory=list)
+    connections: int = 0  # accepted so far
+    open_conversations: int = 0
 
     async def serve(self, host: str = "127.0.0.1", port: int = 0, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         await trio.serve_tcp(self.handle, port, host=host, task_status=task_status)
@@ -59,11 +61,14 @@ class LegacyMTA:
     async def handle(self, stream: trio.SocketStream) -> None:
         async with stream:
             conversation = _Conversation(self, stream)
+            self.connections += 1
+            self.open_conversations += 1
             try:
                 await conversation.run()
             except (trio.BrokenResourceError, trio.ClosedResourceError, EOFError):
                 pass
             finally:
+                self.open_conversations -= 1
                 conversation.close()
 
 

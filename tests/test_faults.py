@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import struct
 
+import pytest
 import trio
 from peers import Peer, closed_port, start_legacy, start_proxy, start_upstream
 
@@ -297,3 +298,46 @@ async def test_bad_client_lines_get_clear_errors_and_the_session_goes_on(nursery
     await client.send(b"ok\r\n.\r\n")
     assert (await client.reply()).code == 250
     assert mta.violations == [] and len(mta.messages) == 1
+
+
+PIPELINED_UP_TO_DATA = b"EHLO client.test\r\nMAIL FROM:<s@client.test>\r\nRCPT TO:<a@legacy.test>\r\nDATA\r\n"
+VANISHING_STAGES = {
+    "before the greeting": b"",
+    "after EHLO": b"EHLO client.test\r\n",
+    "mid-batch": b"EHLO client.test\r\nMAIL FROM:<s@client.test>\r\nRCPT TO:<a@legacy.test>\r\n",
+    "after DATA": PIPELINED_UP_TO_DATA,
+    "mid-body": PIPELINED_UP_TO_DATA + b"Subject: half\r\n\r\nhalf a body\r\n",
+    "on what looks like the end": PIPELINED_UP_TO_DATA + b"body\r\n.",
+    "one byte short": PIPELINED_UP_TO_DATA + b"body\r\n.\r",
+}
+
+
+@pytest.mark.parametrize("how", ["close", "reset"])
+@pytest.mark.parametrize("stage", VANISHING_STAGES)
+async def test_a_client_vanishing_at_any_stage_never_gets_a_message_delivered(nursery, stage, how):
+    """Whatever it sent, a client gone before its terminator has no message delivered."""
+    mta = LegacyMTA()
+    proxy = await start_proxy(nursery, await start_legacy(nursery, mta))
+    client = await Peer.connect(proxy)
+    await client.send(VANISHING_STAGES[stage])
+    if how == "reset":
+        reset(client)
+    await client.aclose()
+    # The proxy opens its upstream side at once, and closes it once it has dealt with
+    # the vanished client: only then is the outcome final.
+    with trio.fail_after(10):
+        while mta.connections == 0 or mta.open_conversations:
+            await trio.sleep(0.01)
+    assert mta.messages == [] and mta.violations == []
+
+
+async def test_a_client_that_half_closes_after_its_last_command_still_gets_everything(nursery):
+    """Everything pipelined, then EOF: every command still runs and the message is delivered."""
+    mta = LegacyMTA(reply_delay=0.002)
+    proxy = await start_proxy(nursery, await start_legacy(nursery, mta))
+    client = await Peer.connect(proxy)
+    await client.send(PIPELINED_UP_TO_DATA + b"body\r\n.\r\nQUIT\r\n")
+    await client.stream.send_eof()
+    replies = await client.rest()
+    assert [line[:3] for line in replies.splitlines() if line[3:4] == b" "] == [b"220", b"250", b"250", b"250", b"354", b"250", b"221"]
+    assert len(mta.messages) == 1 and mta.violations == []
