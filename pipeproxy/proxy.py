@@ -1,11 +1,13 @@
 """The trio shell around one Session: a client connection and its upstream connection.
 
-Two reader tasks, one per connection, hand what they read to the one task that owns the
-Session; it feeds the Session and carries out its actions in order, so each stream has a
-single writer and each group of replies is a single ``send_all``. The client reader asks
-the Session how much it may still hold and parks while the answer is zero: backpressure,
-never unbounded buffering. Deadlines come from the Session (on trio's clock) and are
-applied here with ``move_on_at``.
+Each connection has a reader task that feeds what it reads into the Session and then
+carries out the actions the Session returns, in order. Session calls are synchronous, so
+they never interleave; the actions are carried out under one FIFO lock taken straight
+after the call, with no checkpoint in between, so they happen in the order the Session
+produced them and each group of replies is a single ``send_all``. A reader that waits for
+its actions to be done reads nothing meanwhile: that is the backpressure. The client
+reader also parks while the Session can hold no more input. A third task sleeps until
+the Session's deadline (on trio's clock) and reports a timeout when it passes.
 """
 
 from __future__ import annotations
@@ -23,8 +25,6 @@ CHUNK = 64 * 1024
 # After the last reply, how long to wait for the client to close before we do, so a
 # client still sending does not get a reset that could destroy our final reply.
 LINGER = 2.0
-
-CLIENT, UPSTREAM = "client", "upstream"
 
 
 class _ClientGone(Exception):
@@ -63,18 +63,25 @@ class _Connection:
         self.upstream: trio.SocketStream | None = None
         self.reason = "unknown"
         self.clean = False
-        self._events_in, self._events_out = trio.open_memory_channel[tuple[str, bytes | None]](0)
+        self._lock = trio.StrictFIFOLock()
         self._room = trio.lowlevel.ParkingLot()
+        self._closed = trio.Event()
+        self._watch = trio.CancelScope()
+        self._client_gone_error = False
 
     async def run(self) -> None:
         try:
             if await self._connect():
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._read, self.client, CLIENT)
-                    nursery.start_soon(self._read, self.upstream, UPSTREAM)
-                    await self._drive()
+                    nursery.start_soon(self._read_client)
+                    nursery.start_soon(self._read_upstream)
+                    nursery.start_soon(self._watch_deadline)
+                    await self._closed.wait()
                     nursery.cancel_scope.cancel()
-            await self._linger()
+            if self._client_gone_error:
+                self._client_gone()
+            else:
+                await self._linger()
         except _ClientGone:
             self._client_gone()
         finally:
@@ -97,51 +104,67 @@ class _Connection:
         await self._perform(self.session.timed_out())
         return False
 
-    async def _drive(self) -> None:
-        try:
-            await self._drive_session()
-        except _ClientGone:
-            self._client_gone()
-
     def _client_gone(self) -> None:
         # The reply cannot be delivered; closing both sides is all that is left, and the
         # upstream never got a final dot the client did not send.
         self.reason = "client connection lost"
         self.log.warning("client connection lost")
 
-    async def _drive_session(self) -> None:
+    async def _read_client(self) -> None:
         session = self.session
-        while not session.closed:
-            with trio.move_on_at(session.deadline) as scope:
-                source, data = await self._events_out.receive()
-            if scope.cancelled_caught:
-                actions = session.timed_out()
-            elif source == CLIENT:
-                # A reset client is as gone as a closed one: what it sent still counts.
-                actions = session.client_data(data) if data else session.client_closed()
-            elif data:
-                actions = session.upstream_data(data)
-            elif data is None:
-                actions = session.upstream_failed("upstream connection reset")
-            else:
-                actions = session.upstream_closed()
-            await self._perform(actions)
-            self._room.unpark_all()
-
-    async def _read(self, stream: trio.SocketStream, source: str) -> None:
-        """Hand over what arrives: b"" for EOF, None for a broken connection."""
         while True:
-            size = CHUNK
-            if source == CLIENT:
-                while (size := min(CHUNK, self.session.client_room())) == 0:
-                    await self._room.park()
+            while (size := min(CHUNK, session.client_room())) == 0:
+                await self._room.park()
             try:
-                data: bytes | None = await stream.receive_some(size)
+                data = await self.client.receive_some(size)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                data = None
-            await self._events_in.send((source, data))
+                data = b""  # a reset client is as gone as a closed one: what it sent counts
+            await self._carry_out(session.client_data(data) if data else session.client_closed())
             if not data:
                 return
+
+    async def _read_upstream(self) -> None:
+        session = self.session
+        assert self.upstream is not None
+        while True:
+            try:
+                # A reply is never there the moment we look (the upstream is lock-step):
+                # waiting first saves the recv that would fail with EAGAIN every time.
+                await trio.lowlevel.wait_readable(self.upstream.socket)
+                data = await self.upstream.receive_some(CHUNK)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                await self._carry_out(session.upstream_failed("upstream connection reset"))
+                return
+            await self._carry_out(session.upstream_data(data) if data else session.upstream_closed())
+            if not data:
+                return
+
+    async def _watch_deadline(self) -> None:
+        while True:
+            with trio.CancelScope(deadline=self.session.deadline) as self._watch:
+                await trio.sleep_forever()
+            if trio.current_time() >= self.session.deadline:
+                await self._carry_out(self.session.timed_out())
+
+    async def _carry_out(self, actions: list[Action]) -> None:
+        """Perform ``actions`` after those of every earlier Session call, before any later."""
+        # Called with no checkpoint since the Session call: when the lock is free, take
+        # it without one, so nothing can slip in between.
+        if self._lock.locked():
+            await self._lock.acquire()
+        else:
+            self._lock.acquire_nowait()
+        try:
+            await self._perform(actions)
+        except _ClientGone:
+            self._client_gone_error = True
+            self._closed.set()
+        finally:
+            self._lock.release()
+        if self._watch.deadline != (deadline := self.session.deadline):
+            self._watch.deadline = deadline
+        if self._room:
+            self._room.unpark_all()
 
     async def _perform(self, actions: list[Action]) -> None:
         for action in actions:
@@ -157,7 +180,10 @@ class _Connection:
             elif isinstance(action, Log):
                 getattr(self.log, action.level)(action.event, **action.fields)
             elif isinstance(action, Close):
+                # Only now: the Session may be closed while another reader still waits to
+                # carry out the replies that came before its Close.
                 self.reason, self.clean = action.reason, action.clean
+                self._closed.set()
 
     async def _send_client(self, data: bytes) -> None:
         with trio.move_on_after(self.config.timeouts.client_idle) as scope:

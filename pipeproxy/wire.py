@@ -195,7 +195,27 @@ def _bad_upstream(reason: str) -> ProtocolError:
 
 # Every line break a lenient MTA might honour: CRLF, bare CR, bare LF.
 _LINE_BREAKS = re.compile(rb"\r\n|\r|\n")
-_BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n|\x00")
+
+
+_END_OF_DATA = b"\r\n.\r\n"
+
+
+def _undecided_tail(text: bytes) -> int:
+    """How many final octets of ``text`` could be the start of CRLF "." CRLF."""
+    for keep in (4, 3, 2, 1):
+        if text.endswith(_END_OF_DATA[:keep]):
+            return keep
+    return 0
+
+
+def _has_bare(data: bytes) -> bool:
+    """Whether ``data`` holds a CR or LF outside a CRLF, or a NUL.
+
+    Counting in C is several times faster than a regular expression with a lookbehind,
+    and this runs over every octet of every message.
+    """
+    pairs = data.count(CRLF)
+    return data.count(b"\r") != pairs or data.count(b"\n") != pairs or b"\x00" in data
 
 
 class BodyReframer:
@@ -219,14 +239,16 @@ class BodyReframer:
         self.refused: str | None = None  # why the message must not be delivered
         self.leftover = b""
         self.size = 0  # octets of content received from the client
-        self._client_line_start = True  # the client's framing: at the start of a line
-        self._client_carry = b""  # "", "\r", "." or ".\r": undecided client bytes
+        # Undecided client bytes: a tail that may yet become CRLF "." CRLF. It starts as
+        # the CRLF that ended the DATA command, so the first line is no special case.
+        self._tail = CRLF
+        self._leading_crlf = True  # that first CRLF is not content
         self._out_line_start = True  # pipeproxy's framing: output at a line start
 
     def feed(self, data: bytes) -> bytes:
         if self.done:
             raise RuntimeError("body already complete")
-        content = self._unframe(self._client_carry + data)
+        content = self._unframe(self._tail + data)
         self.size += len(content)
         return self._frame(content)
 
@@ -238,47 +260,37 @@ class BodyReframer:
         assert self.done and not self.refused
         return b".\r\n" if self._out_line_start else b"\r\n.\r\n"
 
-    def _unframe(self, buf: bytes) -> bytes:
-        """Undo the client's framing: content bytes out, the end detected."""
-        out = []
-        i = 0
-        self._client_carry = b""
-        while True:
-            if self._client_line_start:
-                head = buf[i : i + 3]
-                if head == b".\r\n":
-                    self.done = True
-                    self.leftover = buf[i + 3 :]
-                    break
-                if len(head) < 3 and b".\r\n".startswith(head):
-                    self._client_carry = head
-                    break
-                if head[:1] == b".":
-                    i += 1  # the client's stuffed dot, RFC 5321 §4.5.2
-                self._client_line_start = False
-            end = buf.find(CRLF, i)
-            if end < 0:
-                if buf.endswith(b"\r"):
-                    out.append(buf[i:-1])
-                    self._client_carry = b"\r"
-                else:
-                    out.append(buf[i:])
-                break
-            out.append(buf[i : end + 2])
-            i = end + 2
-            self._client_line_start = True
-        return b"".join(out)
+    def _unframe(self, text: bytes) -> bytes:
+        """Undo the client's framing: content out, the end detected (RFC 5321 §4.5.2).
+
+        Every line start in ``text`` follows a CRLF (the first one is the DATA command's),
+        so the end is the first CRLF "." CRLF, and the client's stuffed dots are the "."
+        after each CRLF: both are found with bytes methods, not a loop per line.
+        """
+        end = text.find(_END_OF_DATA)
+        if end >= 0:
+            self.done = True
+            self.leftover = text[end + 5 :]
+            body, self._tail = text[: end + 2], b""
+        else:
+            keep = _undecided_tail(text)
+            body, self._tail = text[: len(text) - keep], text[len(text) - keep :]
+        content = body.replace(b"\r\n.", CRLF)
+        if self._leading_crlf and content:
+            self._leading_crlf = False
+            content = content[2:]
+        return content
 
     def _frame(self, data: bytes) -> bytes:
         """Frame content for the upstream: CRLF lines, leading dots stuffed.
 
-        ``_unframe`` never returns content ending in CR (it holds a trailing CR back
-        until it knows whether LF follows), so a CRLF is never split between calls and a
+        ``_unframe`` never returns content ending in CR (a trailing CR could start the
+        terminator, so it is held back), so a CRLF is never split between calls and a
         line break at the start of ``data`` is truly bare.
         """
         if self.refused or not data:
             return b""
-        if _BARE.search(data):
+        if _has_bare(data):
             if self.reject_bare:
                 self.refuse("bare CR, LF or NUL in content")
                 return b""

@@ -61,7 +61,7 @@ def test_content_over_the_limit_gets_552_and_is_never_completed_upstream():
         + lockstep_group(1)
         + [
             (C, b"x" * 60 + b"\r\n"),
-            (TO_UPSTREAM, b"x" * 60 + b"\r\n"),
+            (TO_UPSTREAM, b"x" * 60),
             (C, b"y" * 60 + b"\r\n.\r\n"),
             (TO_CLIENT, b"552 5.3.4 Message size exceeds fixed maximum message size\r\n"),
             (CLOSED,),

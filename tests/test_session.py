@@ -386,7 +386,7 @@ def test_upstream_closing_mid_body_tells_the_client_at_once():
         + lockstep_group(1)
         + [
             (C, b"part one\r\n"),
-            (TO_UPSTREAM, b"part one\r\n"),
+            (TO_UPSTREAM, b"part one"),  # the CRLF waits: it may start the terminator
             (UPSTREAM_EOF,),
             (TO_CLIENT, b"421 4.4.2 Upstream server closed the connection\r\n"),
             (CLOSED,),
@@ -401,7 +401,7 @@ def test_client_vanishing_mid_body_never_completes_the_message():
         + lockstep_group(1)
         + [
             (C, b"half a message\r\n"),
-            (TO_UPSTREAM, b"half a message\r\n"),
+            (TO_UPSTREAM, b"half a message"),  # the CRLF waits: it may start the terminator
             (CLIENT_EOF,),
             (TO_CLIENT, b"421 4.4.2 Error: message not completed, closing connection\r\n"),
             (CLOSED,),
@@ -547,7 +547,7 @@ def test_bare_line_endings_in_content_can_be_rejected_with_550():
         + lockstep_group(1)
         + [
             (C, b"fine line\r\n"),
-            (TO_UPSTREAM, b"fine line\r\n"),
+            (TO_UPSTREAM, b"fine line"),
             (C, b"bad\nline\r\n.\r\nNOOP\r\n"),
             (
                 TO_CLIENT,

@@ -92,7 +92,7 @@ def test_smuggling_terminators_never_end_the_message(variant):
 
 def test_reject_policy_taints_and_produces_nothing_after_the_bad_byte():
     body = BodyReframer(reject_bare=True)
-    assert body.feed(b"good\r\n") == b"good\r\n"
+    assert body.feed(b"good\r\n") == b"good"  # its CRLF may yet start the terminator
     assert body.feed(b"bad\nline\r\n") == b""
     assert body.feed(b"more\r\n.\r\n") == b""
     assert body.done and body.refused

@@ -1,0 +1,301 @@
+"""pipeproxy's benchmarks, side by side, every ratio measured in the same run.
+
+    bash benchmarks/setup && .venv/bin/python benchmarks/run.py [--quick] [--only SECTION ...]
+
+1. latency: a client 100 ms round trip away (delay_relay.py), messages to 1, 10 and 50
+   recipients: (a) straight at a legacy MTA (smtp-sink -p: no PIPELINING), (b) through
+   pipeproxy in front of it, (c) straight at an MTA that pipelines (smtp-sink). Clients:
+   swaks --pipeline (one message a run) and a trio client sending 5 messages a session.
+2. throughput: many sessions on loopback, 5 recipients a message, persistent sessions and
+   a connection a message: straight to smtp-sink, through pipeproxy, through socat.
+3. memory: resident memory per idle session at 1,000 and 10,000 sessions, and growth
+   while one 50 MB message streams through.
+
+Everything listens on 127.0.0.1 and stops when the run ends. Medians of repeated runs;
+the machine is shared, so read the ratios, not the absolute figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import trio
+
+from pipeproxy.smtp_client import SMTPClient, envelope_lines
+
+HERE = Path(__file__).resolve().parent
+ONE_WAY_DELAY = 0.05
+CONTENT = b"From: bench@client.test\r\nSubject: bench\r\n\r\n" + b"A line of a benchmark message body.\r\n" * 50
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_listening(port: int, limit: float = 15.0) -> None:
+    deadline = time.monotonic() + limit
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nothing listens on 127.0.0.1:{port}") from None
+            time.sleep(0.05)
+
+
+class Services(contextlib.ExitStack):
+    """Background processes, each stopped when the benchmark leaves the block."""
+
+    def start(self, command: list[str]) -> subprocess.Popen:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def stop() -> None:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+        self.callback(stop)
+        return process
+
+    def smtp_sink(self, pipelining: bool) -> int:
+        port = free_port()
+        # -u: smtp-sink will not run as root; 1024: its listen backlog.
+        self.start(["smtp-sink", "-u", "nobody", *([] if pipelining else ["-p"]), f"127.0.0.1:{port}", "1024"])
+        wait_listening(port)
+        return port
+
+    def pipeproxy(self, upstream: int) -> tuple[int, subprocess.Popen]:
+        port = free_port()
+        process = self.start([
+            sys.executable, "-m", "pipeproxy", "--listen", f"127.0.0.1:{port}", "--upstream", f"127.0.0.1:{upstream}",
+            "--log-level", "warning", "--max-sessions", "20000",
+        ])
+        wait_listening(port)
+        return port, process
+
+    def socat(self, target: int) -> int:
+        port = free_port()
+        self.start(["socat", f"TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr,backlog=256", f"TCP:127.0.0.1:{target}"])
+        wait_listening(port)
+        return port
+
+    def slow_link(self, target: int) -> int:
+        port = free_port()
+        self.start([
+            sys.executable, str(HERE / "delay_relay.py"), "--listen", f"127.0.0.1:{port}",
+            "--target", f"127.0.0.1:{target}", "--delay", str(ONE_WAY_DELAY),
+        ])
+        wait_listening(port)
+        return port
+
+
+# -- 1. latency over a slow link ---------------------------------------------------
+
+
+async def _noop_rtt(port: int, count: int = 15) -> float:
+    client = await SMTPClient.connect("127.0.0.1", port)
+    await client.read_reply()
+    await client.exchange(b"EHLO bench.test\r\n")
+    times = []
+    for _ in range(count):
+        started = time.perf_counter()
+        await client.exchange(b"NOOP\r\n")
+        times.append(time.perf_counter() - started)
+    await client.exchange(b"QUIT\r\n")
+    await client.aclose()
+    return statistics.median(times)
+
+
+async def _trio_session(port: int, recipients: list[str], messages: int) -> tuple[float, int]:
+    """Seconds per message, and round trips per message, for one session."""
+    started = time.perf_counter()
+    client = await SMTPClient.connect("127.0.0.1", port)
+    await client.read_reply()
+    [ehlo] = await client.exchange(b"EHLO bench.test\r\n")
+    pipelining = "PIPELINING" in ehlo.lines[1:]
+    for _ in range(messages):
+        replies = await client.send_mail("bench@client.test", recipients, CONTENT, pipelining=pipelining)
+        assert replies[-1].code == 250, replies[-1]
+    await client.exchange(b"QUIT\r\n")
+    await client.aclose()
+    return (time.perf_counter() - started) / messages, client.round_trips
+
+
+def _swaks(port: int, recipients: list[str]) -> float:
+    started = time.perf_counter()
+    subprocess.run(
+        ["swaks", "--server", "127.0.0.1", "--port", str(port), "--pipeline", "--hide-all", "--helo", "bench.test",
+         "--from", "bench@client.test", "--to", ",".join(recipients)],
+        stdin=subprocess.DEVNULL, check=True,
+    )
+    return time.perf_counter() - started
+
+
+def latency(runs: int) -> None:
+    with Services() as services:
+        legacy, native = services.smtp_sink(pipelining=False), services.smtp_sink(pipelining=True)
+        proxy, _ = services.pipeproxy(legacy)
+        links = {"a": services.slow_link(legacy), "b": services.slow_link(proxy), "c": services.slow_link(native)}
+        rtt = statistics.median(trio.run(_noop_rtt, links["c"]) for _ in range(3))
+        print(f"\n## 1. Latency over a slow link: one-way delay {ONE_WAY_DELAY * 1000:.0f} ms, "
+              f"measured SMTP round trip {rtt * 1000:.1f} ms (NOOP ping-pong, median)")
+        print("(a) straight at smtp-sink -p (legacy, no PIPELINING)  (b) through pipeproxy in front of it  "
+              "(c) straight at smtp-sink (pipelines natively)")
+        print(f"{'client':<22}{'rcpts':>6}{'(a) ms':>10}{'RT':>6}{'(b) ms':>10}{'RT':>6}{'(c) ms':>10}{'RT':>6}"
+              f"{'a/b':>7}{'b/c':>7}")
+        for client in ("trio, 5 msgs/session", "swaks --pipeline"):
+            for count in (1, 10, 50):
+                recipients = [f"r{i}@legacy.test" for i in range(count)]
+                samples: dict[str, list[float]] = {case: [] for case in links}
+                for _ in range(runs):
+                    for case, port in links.items():
+                        if client.startswith("trio"):
+                            samples[case].append(trio.run(_trio_session, port, recipients, 5)[0])
+                        else:
+                            samples[case].append(_swaks(port, recipients))
+                t = {case: statistics.median(values) for case, values in samples.items()}
+                row = "".join(f"{t[case] * 1000:>10.0f}{t[case] / rtt:>6.1f}" for case in "abc")
+                print(f"{client:<22}{count:>6}{row}{t['a'] / t['b']:>7.2f}{t['b'] / t['c']:>7.3f}")
+
+
+# -- 2. throughput on loopback -----------------------------------------------------
+
+
+def _load(port: int, concurrency: int, messages: int, persistent: bool) -> dict:
+    command = [sys.executable, str(HERE / "load.py"), "--server", f"127.0.0.1:{port}",
+               "--concurrency", str(concurrency), "--messages", str(messages), "--recipients", "5"]
+    if not persistent:
+        command.append("--per-message-connections")
+    return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+
+
+def throughput(runs: int, scale: float) -> None:
+    with Services() as services:
+        sink = services.smtp_sink(pipelining=True)
+        proxy, _ = services.pipeproxy(sink)
+        targets = {"direct": sink, "pipeproxy": proxy, "socat": services.socat(sink)}
+        print("\n## 2. Throughput on loopback: 5 recipients a message, smtp-sink upstream, "
+              f"medians of {runs} runs")
+        print(f"{'sessions':>8}  {'mode':<14}{'target':<11}{'msg/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'vs socat':>10}")
+        for concurrency in (20, 200):
+            for persistent in (True, False):
+                messages = int((4000 if persistent else 1500) * scale)
+                results: dict[str, list[dict]] = {name: [] for name in targets}
+                for _ in range(runs):
+                    for name, port in targets.items():
+                        results[name].append(_load(port, concurrency, messages, persistent))
+                medians = {name: sorted(rs, key=lambda r: r["per_second"])[len(rs) // 2] for name, rs in results.items()}
+                for name, result in medians.items():
+                    ratio = result["per_second"] / medians["socat"]["per_second"]
+                    mode = "persistent" if persistent else "conn/message"
+                    print(f"{concurrency:>8}  {mode:<14}{name:<11}{result['per_second']:>8.0f}"
+                          f"{result['p50_ms']:>9.1f}{result['p99_ms']:>9.1f}{ratio:>10.2f}")
+
+
+# -- 3. memory and scale -----------------------------------------------------------
+
+
+def _status_kb(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+
+async def _hold_sessions(port: int, count: int, pid: int) -> float:
+    baseline = _status_kb(pid, "VmRSS")
+    clients: list[SMTPClient] = []
+    limit = trio.CapacityLimiter(200)
+
+    async def open_one() -> None:
+        async with limit:
+            client = await SMTPClient.connect("127.0.0.1", port)
+            await client.read_reply()
+            await client.exchange(b"EHLO bench.test\r\n")
+            clients.append(client)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(count):
+            nursery.start_soon(open_one)
+    await trio.sleep(0.5)
+    per_session = (_status_kb(pid, "VmRSS") - baseline) / count
+    for client in clients:
+        await client.aclose()
+    return per_session
+
+
+async def _big_message(port: int, pid: int, megabytes: int) -> int:
+    client = await SMTPClient.connect("127.0.0.1", port)
+    await client.read_reply()
+    await client.exchange(b"EHLO bench.test\r\n")
+    replies = await client.exchange(*envelope_lines("bench@client.test", ["big@legacy.test"]))
+    assert replies[-1].code == 354
+    before = _status_kb(pid, "VmHWM")
+    block = (b"x" * 998 + b"\r\n") * 1000
+    for _ in range(megabytes):
+        await client.stream.send_all(block)
+    [end] = await client.exchange(b".\r\n")
+    assert end.code == 250, end
+    await client.aclose()
+    return _status_kb(pid, "VmHWM") - before
+
+
+def memory(scale: float) -> None:
+    hard = 65536
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # root may raise it
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    print("\n## 3. Memory: pipeproxy's resident memory, smtp-sink upstream")
+    with Services() as services:
+        sink = services.smtp_sink(pipelining=True)
+        for count in (1000, 10000):
+            count = int(count * scale)
+            if 2 * count + 100 > soft:
+                print(f"   {count} sessions: skipped, the file descriptor limit is {soft}")
+                continue
+            proxy, process = services.pipeproxy(sink)
+            per_session = trio.run(_hold_sessions, proxy, count, process.pid)
+            print(f"   {count:>6} idle sessions: {per_session:.1f} kB per session")
+        proxy, process = services.pipeproxy(sink)
+        growth = trio.run(_big_message, proxy, process.pid, 50)
+        print(f"   one 50 MB message: peak resident memory grew by {growth} kB")
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return f"{os.cpu_count()} cores ({cpu}), Linux {platform.release()}, Python {platform.python_version()}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", choices=["latency", "throughput", "memory"])
+    parser.add_argument("--quick", action="store_true", help="fewer runs and smaller loads, for a first look")
+    args = parser.parse_args()
+    sections = args.only or ["latency", "throughput", "memory"]
+    runs = 3 if args.quick else 5
+    print(f"# pipeproxy benchmarks, {time.strftime('%Y-%m-%d')}, on {machine()}")
+    if "latency" in sections:
+        latency(runs)
+    if "throughput" in sections:
+        throughput(runs=3, scale=0.25 if args.quick else 1.0)
+    if "memory" in sections:
+        memory(scale=0.1 if args.quick else 1.0)
+
+
+if __name__ == "__main__":
+    main()
