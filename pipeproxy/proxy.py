@@ -161,7 +161,9 @@ class _Connection:
             self._closed.set()
         finally:
             self._lock.release()
-        if self._watch.deadline != (deadline := self.session.deadline):
+        # Only a deadline that comes earlier needs the watchdog woken; one that moves
+        # later (every command sent does) is found when the watchdog wakes and looks.
+        if (deadline := self.session.deadline) < self._watch.deadline:
             self._watch.deadline = deadline
         if self._room:
             self._room.unpark_all()
