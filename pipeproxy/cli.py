@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import ipaddress
+import multiprocessing
 import os
 import re
 import signal
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -23,7 +25,7 @@ import trio
 from . import demo, logs
 from .capabilities import normalise_keywords
 from .config import Address, BareLineEndings, Config, Timeouts
-from .server import listen, serve
+from .server import Server, listen
 
 ENV_PREFIX = "PIPEPROXY_"
 TIMEOUT_NAMES = [f.name for f in dataclasses.fields(Timeouts)]
@@ -59,6 +61,16 @@ def non_negative_int(text: str) -> int:
     if not text.strip().isdigit():
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (0 or more)")
     return int(text)
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 or more)")
+    return value
 
 
 def timeout(text: str) -> tuple[str, float]:
@@ -106,6 +118,11 @@ OPTIONS: list[tuple[str, str, Callable[[str], Any], bool, dict[str, Any]]] = [
     ("--min-data-rate", "MIN_DATA_RATE", non_negative_int, False,
      dict(metavar="OCTETS_PER_SECOND", help="slowest message content accepted, averaged over the message, "
           "like Postfix's smtpd_min_data_rate; 0 turns it off (default 500)")),
+    ("--workers", "WORKERS", positive_int, False,
+     dict(metavar="COUNT", help="processes sharing the listening port with SO_REUSEPORT, to use more cores (default 1)")),
+    ("--grace-period", "GRACE_PERIOD", seconds, False,
+     dict(metavar="SECONDS", help="on SIGTERM or SIGINT, how long transactions in flight get to finish before "
+          "the remaining sessions get 421 (default 30); a second signal ends it at once")),
     ("--bare-line-endings", "BARE_LINE_ENDINGS", str.lower, False,
      dict(choices=[policy.value for policy in BareLineEndings],
           help="bare CR, bare LF or NUL in message content: neutralise turns CR and LF into CRLF and drops NUL "
@@ -156,7 +173,8 @@ def parse_config(argv: Sequence[str], environ: dict[str, str]) -> Config:
     given = {
         name: value
         for name in ("listen", "upstream", "log_level", "max_line_length", "max_pipeline_bytes", "max_recipients",
-                     "max_message_size", "max_reply_size", "max_sessions", "min_data_rate")
+                     "max_message_size", "max_reply_size", "max_sessions", "min_data_rate", "workers",
+                     "grace_period")
         if (value := getattr(args, name)) is not None
     }
     if args.bare_line_endings is not None:
@@ -182,17 +200,86 @@ def parse_demo(argv: Sequence[str], environ: dict[str, str]) -> argparse.Namespa
     return args
 
 
-async def run(config: Config) -> None:
-    """Serve until SIGTERM or SIGINT; OSError if the listening address cannot be had."""
+async def run(config: Config, shared: bool = False) -> None:
+    """Serve until SIGTERM or SIGINT, then drain; OSError if the address cannot be had."""
     log = structlog.get_logger("pipeproxy")
-    listeners = await listen(config.listen)
+    listeners = await listen(config.listen, shared)
+    server = Server(config)
     async with trio.open_nursery() as nursery:
+
+        async def stop() -> None:
+            await server.shutdown(config.grace_period)
+            nursery.cancel_scope.cancel()
+
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            await nursery.start(serve, config, listeners)
+            await nursery.start(server.serve, listeners)
+            stopping = False
             async for signum in signals:
-                log.info("stopping", signal=signal.Signals(signum).name)
-                nursery.cancel_scope.cancel()
-                break
+                if stopping:
+                    log.info("stopping now", signal=signal.Signals(signum).name)
+                    server.hurry()
+                else:
+                    log.info("stopping", signal=signal.Signals(signum).name)
+                    stopping = True
+                    nursery.start_soon(stop)
+
+
+def run_workers(config: Config) -> int:
+    """Start ``config.workers`` processes on one port; stop them all on a signal."""
+    log = structlog.get_logger("pipeproxy")
+    # Hold the port (and learn it, if 0 was asked for) with a socket that is bound but
+    # never listens, so it takes no connections; each worker binds it again.
+    reserved = _reserve(config.listen)
+    config = dataclasses.replace(config, listen=Address(config.listen.host, reserved.getsockname()[1]))
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_worker, args=(config, index), name=f"pipeproxy-{index}") for index in range(config.workers)]
+    stopping = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for worker in workers:
+            if worker.pid is not None and worker.exitcode is None:
+                os.kill(worker.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for worker in workers:
+        worker.start()
+    log.info("workers started", workers=[worker.pid for worker in workers], port=config.listen.port)
+    status = 0
+    try:
+        while any(worker.exitcode is None for worker in workers):
+            for worker in workers:
+                worker.join(timeout=0.5)
+                if worker.exitcode is not None and worker.exitcode != 0 and not stopping:
+                    log.error("worker ended, stopping the others", worker=worker.pid, exitcode=worker.exitcode)
+                    status = 1
+                    stop(signal.SIGTERM, None)
+    finally:
+        reserved.close()
+    return status
+
+
+def _reserve(address: Address) -> socket.socket:
+    family, kind, proto, _, sockaddr = socket.getaddrinfo(
+        address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(sockaddr)
+    return sock
+
+
+def _worker(config: Config, index: int) -> None:
+    logs.configure(config.log_format, config.log_level)
+    structlog.contextvars.bind_contextvars(worker=index)
+    try:
+        trio.run(run, config, True)
+    except OSError as error:
+        print(f"pipeproxy: error: worker {index} cannot listen on {config.listen}: {error.strerror or error}", file=sys.stderr)
+        sys.exit(2)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -204,6 +291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = parse_config(argv, environ)
     logs.configure(config.log_format, config.log_level)
     try:
+        if config.workers > 1:
+            return run_workers(config)
         trio.run(run, config)
     except OSError as error:
         print(f"pipeproxy: error: cannot listen on {config.listen}: {error.strerror or error}", file=sys.stderr)

@@ -80,5 +80,9 @@ class Config:
     # Octets per second over a whole message, like Postfix's smtpd_min_data_rate: a
     # client trickling content is cut off even if each byte beats data_block; 0: off.
     min_data_rate: int = 500
+    # Processes sharing the listening port (SO_REUSEPORT); 1 serves in this process.
+    workers: int = 1
+    # Seconds that transactions in flight get to finish after SIGTERM or SIGINT.
+    grace_period: float = 30.0
     bare_line_endings: BareLineEndings = BareLineEndings.NEUTRALISE
     timeouts: Timeouts = field(default_factory=Timeouts)

@@ -31,34 +31,16 @@ class _ClientGone(Exception):
     """Writing to the client failed: nobody is left to answer."""
 
 
-async def proxy_connection(client: trio.SocketStream, config: Config) -> None:
-    """Serve one client connection until either side ends it."""
-    peer = client.socket.getpeername()
-    log = structlog.get_logger("pipeproxy.session").bind(
-        session=secrets.token_hex(6), client=str(Address(peer[0], peer[1])), upstream=str(config.upstream)
-    )
-    started = time.monotonic()
-    log.info("session open")
-    connection = _Connection(client, config, log)
-    try:
-        await connection.run()
-    finally:
-        session = connection.session
-        log_closed = log.info if connection.clean else log.warning
-        log_closed(
-            "session closed",
-            reason=connection.reason,
-            duration=round(time.monotonic() - started, 6),
-            commands=session.commands,
-            messages=session.messages,
-        )
+class Connection:
+    """One client connection and its upstream connection, for their whole life."""
 
-
-class _Connection:
-    def __init__(self, client: trio.SocketStream, config: Config, log: structlog.typing.FilteringBoundLogger) -> None:
+    def __init__(self, client: trio.SocketStream, config: Config) -> None:
         self.client = client
         self.config = config
-        self.log = log
+        peer = client.socket.getpeername()
+        self.log = structlog.get_logger("pipeproxy.session").bind(
+            session=secrets.token_hex(6), client=str(Address(peer[0], peer[1])), upstream=str(config.upstream)
+        )
         self.session = Session(config, clock=trio.current_time)
         self.upstream: trio.SocketStream | None = None
         self.reason = "unknown"
@@ -68,6 +50,30 @@ class _Connection:
         self._closed = trio.Event()
         self._watch = trio.CancelScope()
         self._client_gone_error = False
+
+    async def serve(self) -> None:
+        """Proxy until either side ends it; log the session's opening and its close."""
+        started = time.monotonic()
+        self.log.info("session open")
+        try:
+            await self.run()
+        finally:
+            log_closed = self.log.info if self.clean else self.log.warning
+            log_closed(
+                "session closed",
+                reason=self.reason,
+                duration=round(time.monotonic() - started, 6),
+                commands=self.session.commands,
+                messages=self.session.messages,
+            )
+
+    async def drain(self) -> None:
+        """pipeproxy is stopping: finish what is in progress, then say 421 and close."""
+        await self._carry_out(self.session.drain())
+
+    async def shut_down(self) -> None:
+        """The grace period is over: 421 and close now."""
+        await self._carry_out(self.session.shut_down())
 
     async def run(self) -> None:
         try:

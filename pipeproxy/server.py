@@ -1,28 +1,130 @@
-"""Listening: accept client connections and give each its own proxied session.
+"""Listening, accepting, and stopping gracefully.
 
-A failure inside one session is logged and ends that session only; the listener goes on.
-Past ``max_sessions`` a new client gets 421 at once and is closed.
+A ``Server`` gives each client connection its own ``Connection``. A failure inside one
+session is logged and ends that session only. Past ``max_sessions`` a new client gets
+421 at once and is closed. ``shutdown`` stops accepting (the listeners close, so new
+clients are refused), lets every session finish the transaction it is in, answers
+the rest with 421, and after the grace period ends whatever is left with 421.
+
+With ``shared=True`` the listening sockets set SO_REUSEPORT, so several worker
+processes can listen on one port and the kernel spreads connections between them.
 """
 
 from __future__ import annotations
+
+import socket
 
 import structlog
 import trio
 
 from .config import Address, Config
-from .proxy import proxy_connection
+from .proxy import Connection
 from .wire import reply
 
 # Connections can arrive in bursts (PEERS.md: socat's backlog of 5 dropped SYNs);
-# trio caps this at the system's somaxconn.
+# the kernel caps this at its somaxconn.
 BACKLOG = 4096
 TOO_MANY_SESSIONS = reply(421, "4.7.0 Error: too many sessions, try again later")
 REFUSAL_TIMEOUT = 5.0
+# After the grace period, how long sessions get to deliver their 421 and close.
+FINAL_CLOSE_TIMEOUT = 5.0
 
 
-async def listen(address: Address) -> list[trio.SocketListener]:
+async def listen(address: Address, shared: bool = False) -> list[trio.SocketListener]:
     """The listening sockets for ``address``; OSError if it cannot be had."""
-    return await trio.open_tcp_listeners(address.port, host=address.host, backlog=BACKLOG)
+    if not shared:
+        return await trio.open_tcp_listeners(address.port, host=address.host, backlog=BACKLOG)
+    listeners = []
+    for family, kind, proto, _, sockaddr in await trio.socket.getaddrinfo(
+        address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    ):
+        sock = trio.socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        await sock.bind(sockaddr)
+        sock.listen(BACKLOG)
+        listeners.append(trio.SocketListener(sock))
+    return listeners
+
+
+class Server:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.connections: set[Connection] = set()
+        self._log = structlog.get_logger("pipeproxy.server")
+        self._accepting = trio.CancelScope()
+        self._hurry = trio.CancelScope()
+        self._changed = trio.lowlevel.ParkingLot()
+
+    async def serve(
+        self,
+        listeners: list[trio.SocketListener] | None = None,
+        *,
+        task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept until ``shutdown``; return once every session has ended."""
+        listeners = listeners or await listen(self.config.listen)
+        addresses = [str(Address(*listener.socket.getsockname()[:2])) for listener in listeners]
+        self._log.info("listening", addresses=addresses, upstream=str(self.config.upstream))
+        async with trio.open_nursery() as sessions:
+            with self._accepting:
+                task_status.started(listeners)
+                # Sessions live in our nursery, so ending the accept loops (which closes
+                # the listeners) leaves them running.
+                await trio.serve_listeners(self._handle, listeners, handler_nursery=sessions)
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop accepting; let sessions finish within ``grace`` seconds, then end them."""
+        self._accepting.cancel()
+        self._log.info("draining", sessions=len(self.connections), grace_period=grace)
+        for connection in list(self.connections):
+            await connection.drain()
+        with self._hurry:
+            with trio.move_on_after(grace):
+                await self._wait_for_sessions()
+        if self.connections:
+            self._log.warning("grace period over, closing sessions", sessions=len(self.connections))
+            for connection in list(self.connections):
+                await connection.shut_down()
+            with trio.move_on_after(FINAL_CLOSE_TIMEOUT):
+                await self._wait_for_sessions()
+        self._log.info("stopped", sessions_left=len(self.connections))
+
+    def hurry(self) -> None:
+        """End the grace period now (a second signal)."""
+        self._hurry.cancel()
+
+    async def _wait_for_sessions(self) -> None:
+        while self.connections:
+            await self._changed.park()
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        if len(self.connections) >= self.config.max_sessions:
+            await self._refuse(stream)
+            return
+        connection = Connection(stream, self.config)
+        self.connections.add(connection)
+        try:
+            if self._accepting.cancel_called:  # accepted just before shutdown began
+                await connection.drain()
+            await connection.serve()
+        except Exception:
+            self._log.exception("session failed")
+        finally:
+            self.connections.discard(connection)
+            self._changed.unpark_all()
+
+    async def _refuse(self, stream: trio.SocketStream) -> None:
+        # At once, not a hang: the client can try again or go to another MX.
+        self._log.warning("session refused: too many sessions", max_sessions=self.config.max_sessions)
+        with trio.move_on_after(REFUSAL_TIMEOUT):
+            try:
+                await stream.send_all(TOO_MANY_SESSIONS)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        await stream.aclose()
 
 
 async def serve(
@@ -31,36 +133,5 @@ async def serve(
     *,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Proxy every connection on ``listeners`` (default: ``config.listen``) to ``config.upstream``."""
-    log = structlog.get_logger("pipeproxy.server")
-    listeners = listeners or await listen(config.listen)
-    addresses = [str(Address(*listener.socket.getsockname()[:2])) for listener in listeners]
-    log.info("listening", addresses=addresses, upstream=str(config.upstream))
-
-    active = 0
-
-    async def handle(stream: trio.SocketStream) -> None:
-        nonlocal active
-        if active >= config.max_sessions:
-            await refuse(stream)
-            return
-        active += 1
-        try:
-            await proxy_connection(stream, config)
-        except Exception:
-            log.exception("session failed")
-        finally:
-            active -= 1
-
-    async def refuse(stream: trio.SocketStream) -> None:
-        # At once, not a hang: the client can try again or go to another MX.
-        log.warning("session refused: too many sessions", max_sessions=config.max_sessions)
-        with trio.move_on_after(REFUSAL_TIMEOUT):
-            try:
-                await stream.send_all(TOO_MANY_SESSIONS)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
-        await stream.aclose()
-
-    task_status.started(listeners)
-    await trio.serve_listeners(handle, listeners)
+    """Proxy every connection on ``listeners`` (default: ``config.listen``); never stops."""
+    await Server(config).serve(listeners, task_status=task_status)

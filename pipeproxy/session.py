@@ -42,6 +42,7 @@ REFUSED = {
     "BDAT": reply(502, "5.5.1 Error: BDAT is not available through this proxy"),
 }
 UNAVAILABLE = reply(421, "4.4.2 Upstream server unavailable, closing connection")
+SHUTTING_DOWN = reply(421, "4.3.2 Service shutting down, closing connection")
 TOO_MANY_RECIPIENTS = reply(452, "4.5.3 Error: too many recipients")
 TOO_BIG = Reply(552, ("5.3.4 Message size exceeds fixed maximum message size",))
 TOO_BIG_REASON = "message too big"
@@ -122,6 +123,7 @@ class Session:
         self._groups = 0  # writes of replies to the client so far
         self._transaction: _Transaction | None = None
         self._client_eof = False
+        self._draining = False
         self._client_wait_since: float | None = None
         self._body_started = self._body_last = 0.0
         self._body_received = 0  # client octets since 354, for the minimum data rate
@@ -163,6 +165,20 @@ class Session:
         """The upstream could not be reached, or its connection broke."""
         if self._mode is not Mode.CLOSED:
             self._fail(UNAVAILABLE, reason)
+        return self._take_actions()
+
+    def drain(self) -> list[Action]:
+        """pipeproxy is stopping: the transaction in progress may finish; then 421, close."""
+        self._draining = True
+        self._advance()
+        return self._take_actions()
+
+    def shut_down(self) -> list[Action]:
+        """The grace period is over: 421 now, whatever is in progress (no final dot)."""
+        if self._mode is not Mode.CLOSED:
+            if self._mode is Mode.BODY:
+                self._log("warning", "message abandoned, upstream closed without final dot", reason="shutdown")
+            self._fail(SHUTTING_DOWN, "pipeproxy shut down")
         return self._take_actions()
 
     def timed_out(self) -> list[Action]:
@@ -224,6 +240,9 @@ class Session:
                 self._on_reply(upstream_reply)
                 continue
             if self._outstanding is not None or self._mode is Mode.BODY:
+                return
+            if self._draining and self._transaction is None and self._mode is Mode.COMMAND:
+                self._fail(SHUTTING_DOWN, "pipeproxy draining", in_flight=False, clean=True)
                 return
             try:
                 line = self._commands.next_line(sasl=self._mode is Mode.SASL)
@@ -428,20 +447,23 @@ class Session:
         self._emit(ToClient(b"".join(self._held)))
         self._held.clear()
 
-    def _fail(self, notice: bytes | None, reason: str) -> None:
+    def _fail(self, notice: bytes | None, reason: str, in_flight: bool = True, clean: bool = False) -> None:
         """Answer every command still owed a reply, in order, then close.
 
         ``notice`` answers the command in flight (the greeting, a command, a message),
-        or stands alone as the closing notice of RFC 5321 §3.8; every complete command
-        still waiting in the input then gets a 421 of its own.
+        or, with ``in_flight`` false, the oldest command waiting in the input, or stands
+        alone as the closing notice of RFC 5321 §3.8; every other complete command still
+        waiting in the input then gets a 421 of its own.
         """
+        owed = self._commands.count_lines()
         if notice is not None:
             self._hold(notice)
-        for _ in range(self._commands.count_lines()):
+            owed -= 0 if in_flight or not owed else 1
+        for _ in range(owed):
             self._hold(UNAVAILABLE)
         self._outstanding = None
         self._end_transaction(None, reason)
-        self._close(reason)
+        self._close(reason, clean)
 
     def _close(self, reason: str, clean: bool = False) -> None:
         self._flush()

@@ -106,18 +106,28 @@ async def start_legacy(nursery: trio.Nursery, mta) -> Address:
     return Address(LOCALHOST, listener.socket.getsockname()[1])
 
 
-async def read_json_lines(stream, until_event: str, lines: list[dict]) -> dict:
-    """Parse JSON log lines from a process until one has the event asked for."""
-    buffer = b""
-    while True:
-        while b"\n" not in buffer:
-            data = await stream.receive_some(65536)
-            assert data, f"process ended before {until_event!r}: {lines}"
-            buffer += data
-        line, buffer = buffer.split(b"\n", 1)
-        lines.append(json.loads(line))
-        if lines[-1]["event"] == until_event:
-            return lines[-1]
+class JsonLog:
+    """The JSON log lines a pipeproxy process writes to a pipe, read as they come."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+        self.lines: list[dict] = []
+        self._buffer = b""
+
+    async def until(self, event: str) -> dict:
+        """Read lines up to the next one whose event is ``event``, and return it."""
+        while True:
+            while b"\n" not in self._buffer:
+                data = await self.stream.receive_some(65536)
+                assert data, f"process ended before {event!r}: {self.lines}"
+                self._buffer += data
+            line, self._buffer = self._buffer.split(b"\n", 1)
+            self.lines.append(json.loads(line))
+            if self.lines[-1]["event"] == event:
+                return self.lines[-1]
+
+    def events(self, event: str) -> list[dict]:
+        return [line for line in self.lines if line["event"] == event]
 
 
 def closed_port() -> Address:

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import trio
-from peers import read_json_lines, start_legacy
+from peers import JsonLog, start_legacy
 
 from pipeproxy.cli import parse_config
 from pipeproxy.config import Address, BareLineEndings
@@ -110,21 +110,21 @@ async def test_the_proxy_process_serves_ipv6_logs_json_and_stops_on_sigterm(nurs
     environ = {k: v for k, v in os.environ.items() if not k.startswith("PIPEPROXY_")}
     environ.update(PIPEPROXY_LISTEN="[::1]:0", PIPEPROXY_UPSTREAM=str(upstream))
     process = await trio.lowlevel.open_process(PIPEPROXY, stdout=subprocess.PIPE, env=environ)
-    lines: list[dict] = []
+    log = JsonLog(process.stdout)
     try:
-        listening = await read_json_lines(process.stdout, "listening", lines)
+        listening = await log.until("listening")
         [address] = listening["addresses"]
         port = Address.parse(address).port
         refused = await trio.to_thread.run_sync(send_over_ipv6, port)
         assert list(refused) == ["reject@legacy.test"]
-        session_closed = await read_json_lines(process.stdout, "session closed", lines)
+        session_closed = await log.until("session closed")
     finally:
         process.send_signal(signal.SIGTERM)
         with trio.fail_after(30):
             status = await process.wait()
     assert status == 0
     assert mta.messages[0].recipients == ["a@legacy.test"] and mta.violations == []
-    [transaction] = [line for line in lines if line["event"] == "transaction"]
+    [transaction] = log.events("transaction")
     assert transaction["sender"] == "s@client.test"
     assert (transaction["recipients_accepted"], transaction["recipients_rejected"]) == (1, 1)
     assert transaction["reply_code"] == 250 and transaction["size"] == len(b"Subject: v6\r\n\r\nhi\r\n")

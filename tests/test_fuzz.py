@@ -116,7 +116,9 @@ def test_any_conversation_keeps_the_proxys_promises(data, config):
     for _ in range(data.draw(st.integers(1, 40))):
         if closed:
             break
-        move = data.draw(st.sampled_from(["client"] * 4 + ["upstream"] * 4 + ["client_eof", "upstream_eof", "timeout"]))
+        move = data.draw(
+            st.sampled_from(["client"] * 4 + ["upstream"] * 4 + ["client_eof", "upstream_eof", "timeout", "drain", "shut_down"])
+        )
         if move == "client" and not client_gone:
             payload = b"".join(data.draw(st.lists(st.sampled_from(TOKENS), min_size=1, max_size=8)))
             feed_in_pieces(session.client_data, payload)
@@ -138,6 +140,10 @@ def test_any_conversation_keeps_the_proxys_promises(data, config):
             apply(session.client_closed())
         elif move == "upstream_eof":
             apply(session.upstream_closed())
+        elif move == "drain":
+            apply(session.drain())
+        elif move == "shut_down":
+            apply(session.shut_down())
         elif move == "timeout" and session.deadline != float("inf"):
             clock.now = max(clock.now, session.deadline)
             apply(session.timed_out())

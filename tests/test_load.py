@@ -16,7 +16,7 @@ import sys
 
 import pytest
 import trio
-from peers import Peer, read_json_lines, start_legacy, start_proxy
+from peers import JsonLog, Peer, start_legacy, start_proxy
 
 from pipeproxy.config import Address
 from pipeproxy.legacy_mta import LegacyMTA
@@ -80,7 +80,7 @@ async def test_many_sessions_every_message_accounted_for_no_leaks(nursery):
         [sys.executable, "-m", "pipeproxy"], stdout=subprocess.PIPE, env=environ
     )
     try:
-        listening = await read_json_lines(process.stdout, "listening", [])
+        listening = await JsonLog(process.stdout).until("listening")
         proxy = Address.parse(listening["addresses"][0])
         # The proxy logs a line per session; read them so its stdout never fills up.
         nursery.start_soon(drain, process.stdout)

@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import trio
-from peers import Peer, read_json_lines, start_upstream
+from peers import JsonLog, Peer, start_upstream
 
 from pipeproxy.config import Address
 from pipeproxy.smtp_client import envelope_lines
@@ -51,9 +51,8 @@ async def test_a_50_mb_message_does_not_grow_the_proxy_by_anything_like_50_mb(nu
     environ = {k: v for k, v in os.environ.items() if not k.startswith("PIPEPROXY_")}
     environ.update(PIPEPROXY_LISTEN="127.0.0.1:0", PIPEPROXY_UPSTREAM=str(upstream))
     process = await trio.lowlevel.open_process([sys.executable, "-m", "pipeproxy"], stdout=subprocess.PIPE, env=environ)
-    lines: list[dict] = []
     try:
-        listening = await read_json_lines(process.stdout, "listening", lines)
+        listening = await JsonLog(process.stdout).until("listening")
         client = await Peer.connect(Address.parse(listening["addresses"][0]))
         await client.reply()
         await client.send(b"HELO client.test\r\n")

@@ -559,3 +559,32 @@ def test_bare_line_endings_in_content_can_be_rejected_with_550():
         config,
     )
     assert run.session.messages == 0
+
+
+def test_drain_closes_an_idle_session_with_421_at_once():
+    """Stopping: a session between transactions hears 421 4.3.2 and is closed."""
+    run = play(OPENED)
+    run.apply(run.session.drain())
+    assert run.new_client_bytes() == b"421 4.3.2 Service shutting down, closing connection\r\n"
+    assert run.closed is not None and run.closed.clean
+
+
+def test_drain_lets_the_transaction_in_progress_finish_first():
+    """Mid-DATA when stopping starts: the message completes, its 250 arrives, then 421."""
+    run = play(OPENED + lockstep_group(1) + [(C, b"first half\r\n"), (TO_UPSTREAM, b"first half")])
+    run.apply(run.session.drain())
+    assert run.closed is None
+    run.apply(run.session.client_data(b"second half\r\n.\r\nMAIL FROM:<next@client.test>\r\n"))
+    assert run.new_upstream_bytes() == b"\r\nsecond half\r\n.\r\n"
+    run.apply(run.session.upstream_data(b"250 2.0.0 queued\r\n"))
+    assert run.new_client_bytes() == b"250 2.0.0 queued\r\n421 4.3.2 Service shutting down, closing connection\r\n"
+    assert run.new_upstream_bytes() == b"", "the next MAIL never goes upstream"
+    assert run.closed is not None and run.session.messages == 1
+
+
+def test_shut_down_after_the_grace_period_abandons_a_message_without_its_final_dot():
+    run = play(OPENED + lockstep_group(1) + [(C, b"slow message\r\n"), (TO_UPSTREAM, b"slow message")])
+    run.apply(run.session.drain())
+    run.apply(run.session.shut_down())
+    assert run.new_client_bytes() == b"421 4.3.2 Service shutting down, closing connection\r\n"
+    assert run.new_upstream_bytes() == b"" and run.closed is not None
