@@ -1,6 +1,7 @@
 """The ``pipeproxy`` command: flags and ``PIPEPROXY_*`` variables to a Config, then run.
 
-``pipeproxy [OPTIONS]`` runs the proxy; ``pipeproxy demo`` shows it working with no MTA.
+``pipeproxy [OPTIONS]`` runs the proxy; ``pipeproxy demo`` shows it working with no MTA;
+``pipeproxy health`` asks a running proxy's health endpoint.
 Every option can come from an environment variable; a flag given on the command line
 wins. Any bad value ends the program with one line on stderr and status 2.
 """
@@ -25,6 +26,7 @@ import trio
 from . import demo, logs
 from .capabilities import normalise_keywords
 from .config import Address, BareLineEndings, Config, Timeouts
+from .health import check, serve_health
 from .server import Server, listen
 
 ENV_PREFIX = "PIPEPROXY_"
@@ -118,6 +120,12 @@ OPTIONS: list[tuple[str, str, Callable[[str], Any], bool, dict[str, Any]]] = [
     ("--min-data-rate", "MIN_DATA_RATE", non_negative_int, False,
      dict(metavar="OCTETS_PER_SECOND", help="slowest message content accepted, averaged over the message, "
           "like Postfix's smtpd_min_data_rate; 0 turns it off (default 500)")),
+    ("--proxy-protocol", "PROXY_PROTOCOL", str.lower, False,
+     dict(choices=["off", "on"], help="on: every connection starts with a PROXY protocol v1 or v2 header (HAProxy, "
+          "cloud load balancers) giving the real client, which the logs show; without one it is closed (default off)")),
+    ("--health-listen", "HEALTH_LISTEN", address, False,
+     dict(metavar="HOST:PORT", help="serve an HTTP health endpoint there (GET /health: 200 while serving, "
+          "503 while draining); 'pipeproxy health' asks it (default: none)")),
     ("--workers", "WORKERS", positive_int, False,
      dict(metavar="COUNT", help="processes sharing the listening port with SO_REUSEPORT, to use more cores (default 1)")),
     ("--grace-period", "GRACE_PERIOD", seconds, False,
@@ -174,9 +182,11 @@ def parse_config(argv: Sequence[str], environ: dict[str, str]) -> Config:
         name: value
         for name in ("listen", "upstream", "log_level", "max_line_length", "max_pipeline_bytes", "max_recipients",
                      "max_message_size", "max_reply_size", "max_sessions", "min_data_rate", "workers",
-                     "grace_period")
+                     "grace_period", "health_listen")
         if (value := getattr(args, name)) is not None
     }
+    if args.proxy_protocol is not None:
+        given["proxy_protocol"] = args.proxy_protocol == "on"
     if args.bare_line_endings is not None:
         given["bare_line_endings"] = BareLineEndings(args.bare_line_endings)
     return Config(
@@ -204,8 +214,11 @@ async def run(config: Config, shared: bool = False) -> None:
     """Serve until SIGTERM or SIGINT, then drain; OSError if the address cannot be had."""
     log = structlog.get_logger("pipeproxy")
     listeners = await listen(config.listen, shared)
+    health = await listen(config.health_listen, shared) if config.health_listen else []
     server = Server(config)
     async with trio.open_nursery() as nursery:
+        if health:
+            await nursery.start(serve_health, health, server.health)
 
         async def stop() -> None:
             await server.shutdown(config.grace_period)
@@ -282,9 +295,29 @@ def _worker(config: Config, index: int) -> None:
         sys.exit(2)
 
 
+def health_main(argv: Sequence[str], environ: dict[str, str]) -> int:
+    parser = _Parser(prog="pipeproxy health", description="Ask a running pipeproxy's health endpoint; exit 0 if healthy.")
+    parser.add_argument("--address", type=address, metavar="HOST:PORT",
+                        help=f"the endpoint (default: ${ENV_PREFIX}HEALTH_LISTEN)")
+    args = parser.parse_args(argv)
+    target = args.address
+    if target is None:
+        try:
+            target = address(environ.get(ENV_PREFIX + "HEALTH_LISTEN", ""))
+        except argparse.ArgumentTypeError:
+            parser.error(f"give --address HOST:PORT or set {ENV_PREFIX}HEALTH_LISTEN")
+    if target.host in ("0.0.0.0", "::"):
+        target = Address("127.0.0.1" if target.host == "0.0.0.0" else "::1", target.port)
+    healthy, said = check(target)
+    print(said)
+    return 0 if healthy else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     environ = dict(os.environ)
+    if argv[:1] == ["health"]:
+        return health_main(argv[1:], environ)
     if argv[:1] == ["demo"]:
         args = parse_demo(argv[1:], environ)
         return demo.main(args.log_format, args.log_level)

@@ -80,6 +80,10 @@ class Config:
     # Octets per second over a whole message, like Postfix's smtpd_min_data_rate: a
     # client trickling content is cut off even if each byte beats data_block; 0: off.
     min_data_rate: int = 500
+    # Each connection starts with a PROXY protocol header (v1 or v2) from a balancer.
+    proxy_protocol: bool = False
+    # Where the health endpoint listens (health.py); None: no endpoint.
+    health_listen: Address | None = None
     # Processes sharing the listening port (SO_REUSEPORT); 1 serves in this process.
     workers: int = 1
     # Seconds that transactions in flight get to finish after SIGTERM or SIGINT.

@@ -34,14 +34,20 @@ class _ClientGone(Exception):
 class Connection:
     """One client connection and its upstream connection, for their whole life."""
 
-    def __init__(self, client: trio.SocketStream, config: Config) -> None:
+    def __init__(
+        self, client: trio.SocketStream, config: Config, real_client: Address | None = None, early: bytes = b""
+    ) -> None:
+        """``real_client``: the address a PROXY header gave; ``early``: bytes read after it."""
         self.client = client
         self.config = config
         peer = client.socket.getpeername()
         self.log = structlog.get_logger("pipeproxy.session").bind(
-            session=secrets.token_hex(6), client=str(Address(peer[0], peer[1])), upstream=str(config.upstream)
+            session=secrets.token_hex(6),
+            client=str(real_client or Address(peer[0], peer[1])),
+            upstream=str(config.upstream),
         )
         self.session = Session(config, clock=trio.current_time)
+        self._early = early
         self.upstream: trio.SocketStream | None = None
         self.reason = "unknown"
         self.clean = False
@@ -77,6 +83,8 @@ class Connection:
 
     async def run(self) -> None:
         try:
+            if self._early:
+                await self._carry_out(self.session.client_data(self._early))
             if await self._connect():
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._read_client)

@@ -6,6 +6,10 @@ session is logged and ends that session only. Past ``max_sessions`` a new client
 clients are refused), lets every session finish the transaction it is in, answers
 the rest with 421, and after the grace period ends whatever is left with 421.
 
+With ``proxy_protocol`` on, each connection must start with a PROXY header (v1 or v2)
+naming the real client, which the logs then show; a connection without a valid one
+is closed and logged.
+
 With ``shared=True`` the listening sockets set SO_REUSEPORT, so several worker
 processes can listen on one port and the kernel spreads connections between them.
 """
@@ -17,6 +21,7 @@ import socket
 import structlog
 import trio
 
+from . import proxy_protocol
 from .config import Address, Config
 from .proxy import Connection
 from .wire import reply
@@ -28,6 +33,7 @@ TOO_MANY_SESSIONS = reply(421, "4.7.0 Error: too many sessions, try again later"
 REFUSAL_TIMEOUT = 5.0
 # After the grace period, how long sessions get to deliver their 421 and close.
 FINAL_CLOSE_TIMEOUT = 5.0
+PROXY_HEADER_TIMEOUT = 10.0
 
 
 async def listen(address: Address, shared: bool = False) -> list[trio.SocketListener]:
@@ -92,6 +98,16 @@ class Server:
                 await self._wait_for_sessions()
         self._log.info("stopped", sessions_left=len(self.connections))
 
+    @property
+    def stopping(self) -> bool:
+        return self._accepting.cancel_called
+
+    def health(self) -> tuple[bool, str]:
+        """For the health endpoint: serving, or draining."""
+        if self.stopping:
+            return False, f"draining sessions={len(self.connections)}"
+        return True, f"ok sessions={len(self.connections)}"
+
     def hurry(self) -> None:
         """End the grace period now (a second signal)."""
         self._hurry.cancel()
@@ -104,7 +120,16 @@ class Server:
         if len(self.connections) >= self.config.max_sessions:
             await self._refuse(stream)
             return
-        connection = Connection(stream, self.config)
+        client, early = None, b""
+        if self.config.proxy_protocol:
+            try:
+                client, early = await _read_proxy_header(stream)
+            except (ValueError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as error:
+                peer = stream.socket.getpeername()
+                self._log.warning("bad PROXY header, closing", peer=str(Address(*peer[:2])), error=str(error) or "timeout")
+                await stream.aclose()
+                return
+        connection = Connection(stream, self.config, client, early)
         self.connections.add(connection)
         try:
             if self._accepting.cancel_called:  # accepted just before shutdown began
@@ -125,6 +150,19 @@ class Server:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
         await stream.aclose()
+
+
+async def _read_proxy_header(stream: trio.SocketStream) -> tuple[Address | None, bytes]:
+    """One PROXY header: (the real client, or None for the connection's own; bytes after it)."""
+    data = b""
+    with trio.fail_after(PROXY_HEADER_TIMEOUT):
+        while (parsed := proxy_protocol.parse(data)) is None:
+            chunk = await stream.receive_some(proxy_protocol.V2_MAX_PAYLOAD)
+            if not chunk:
+                raise ValueError("connection closed before the PROXY header ended")
+            data += chunk
+    client, consumed = parsed
+    return client, data[consumed:]
 
 
 async def serve(
