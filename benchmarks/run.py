@@ -1,6 +1,6 @@
 """pipeproxy's benchmarks, side by side, every ratio measured in the same run.
 
-    bash benchmarks/setup && .venv/bin/python benchmarks/run.py [--quick] [--only SECTION ...]
+    bash .ci/setup && .venv/bin/python benchmarks/run.py [--quick] [--only SECTION ...]
 
 1. latency: a client 100 ms round trip away (delay_relay.py), messages to 1, 10 and 50
    recipients: (a) straight at a legacy MTA (smtp-sink -p: no PIPELINING), (b) through
