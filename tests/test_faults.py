@@ -26,6 +26,25 @@ async def greet_and_ehlo(peer: Peer) -> None:
     await peer.send(EHLO_REPLY)
 
 
+async def greet_and_accept_envelope(peer: Peer) -> None:
+    """Greet, answer EHLO, then MAIL, RCPT and DATA (with 354): ready for content."""
+    await greet_and_ehlo(peer)
+    for _ in range(3):
+        line = await peer.line()
+        await peer.send(b"354 go\r\n" if line == b"DATA\r\n" else b"250 Ok\r\n")
+
+
+def recording_upstream(saw: list[bytes], received: trio.Event):
+    """An upstream that takes a message's envelope, then records all it gets until EOF."""
+
+    async def record_body(peer: Peer) -> None:
+        await greet_and_accept_envelope(peer)
+        saw.append(await peer.rest())
+        received.set()
+
+    return record_body
+
+
 async def client_session(proxy) -> Peer:
     client = await Peer.connect(proxy)
     assert (await client.reply()).code == 220
@@ -124,10 +143,7 @@ async def test_upstream_dying_after_354_never_lets_a_message_through(nursery):
     """354 then gone: the body has nowhere to go, and the client gets 421."""
 
     async def die_after_354(peer: Peer) -> None:
-        await greet_and_ehlo(peer)
-        for _ in range(3):
-            line = await peer.line()
-            await peer.send(b"354 go\r\n" if line == b"DATA\r\n" else b"250 Ok\r\n")
+        await greet_and_accept_envelope(peer)
 
     proxy = await start_proxy(nursery, await start_upstream(nursery, die_after_354))
     client = await client_session(proxy)
@@ -141,10 +157,7 @@ async def test_upstream_dying_mid_body_gives_421_never_250(nursery):
     """The upstream takes part of a long body and drops: 421 while the client still sends."""
 
     async def die_mid_body(peer: Peer) -> None:
-        await greet_and_ehlo(peer)
-        for _ in range(3):
-            line = await peer.line()
-            await peer.send(b"354 go\r\n" if line == b"DATA\r\n" else b"250 Ok\r\n")
+        await greet_and_accept_envelope(peer)
         for _ in range(10):
             await peer.line()
         reset(peer)
@@ -171,10 +184,7 @@ async def test_upstream_dying_after_the_final_dot_gives_421_never_250(nursery):
     seen = []
 
     async def die_after_dot(peer: Peer) -> None:
-        await greet_and_ehlo(peer)
-        for _ in range(3):
-            line = await peer.line()
-            await peer.send(b"354 go\r\n" if line == b"DATA\r\n" else b"250 Ok\r\n")
+        await greet_and_accept_envelope(peer)
         seen.append(await peer.until(b"\r\n.\r\n"))
 
     proxy = await start_proxy(nursery, await start_upstream(nursery, die_after_dot))
@@ -188,18 +198,8 @@ async def test_upstream_dying_after_the_final_dot_gives_421_never_250(nursery):
 
 async def test_client_vanishing_mid_body_never_sends_the_final_dot(nursery):
     """The client drops halfway: the upstream gets EOF, never the terminator."""
-    received = trio.Event()
-    upstream_saw = []
-
-    async def record_body(peer: Peer) -> None:
-        await greet_and_ehlo(peer)
-        for _ in range(3):
-            line = await peer.line()
-            await peer.send(b"354 go\r\n" if line == b"DATA\r\n" else b"250 Ok\r\n")
-        upstream_saw.append(await peer.rest())
-        received.set()
-
-    proxy = await start_proxy(nursery, await start_upstream(nursery, record_body))
+    received, upstream_saw = trio.Event(), []
+    proxy = await start_proxy(nursery, await start_upstream(nursery, recording_upstream(upstream_saw, received)))
     client = await client_session(proxy)
     await client.send(b"".join(envelope_lines("s@client.test", ["a@x"])))
     await client.replies(3)
@@ -211,18 +211,8 @@ async def test_client_vanishing_mid_body_never_sends_the_final_dot(nursery):
 
 async def test_client_reset_mid_body_never_sends_the_final_dot(nursery):
     """Same with a TCP reset from the client, ending on a line that looks like an end."""
-    received = trio.Event()
-    upstream_saw = []
-
-    async def record_body(peer: Peer) -> None:
-        await greet_and_ehlo(peer)
-        for _ in range(3):
-            line = await peer.line()
-            await peer.send(b"354 go\r\n" if line == b"DATA\r\n" else b"250 Ok\r\n")
-        upstream_saw.append(await peer.rest())
-        received.set()
-
-    proxy = await start_proxy(nursery, await start_upstream(nursery, record_body))
+    received, upstream_saw = trio.Event(), []
+    proxy = await start_proxy(nursery, await start_upstream(nursery, recording_upstream(upstream_saw, received)))
     client = await client_session(proxy)
     await client.send(b"".join(envelope_lines("s@client.test", ["a@x"])))
     await client.replies(3)
