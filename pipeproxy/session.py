@@ -198,10 +198,6 @@ class Session:
     # -- what the shell asks ---------------------------------------------------------
 
     @property
-    def closed(self) -> bool:
-        return self._mode is Mode.CLOSED
-
-    @property
     def deadline(self) -> float:
         """When ``timed_out`` is due, on the session's clock."""
         if self._outstanding is not None:

@@ -109,7 +109,7 @@ def test_any_conversation_keeps_the_proxys_promises(data, config):
 
     def feed_in_pieces(feed, payload: bytes) -> None:
         points = sorted(set(data.draw(st.lists(st.integers(0, len(payload)), max_size=3))))
-        for a, b in zip([0, *points], [*points, len(payload)]):
+        for a, b in zip([0, *points], [*points, len(payload)], strict=True):
             if payload[a:b] and not closed:
                 apply(feed(payload[a:b]))
 

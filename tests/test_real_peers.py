@@ -52,7 +52,7 @@ def burst_straight_at(port: int, greeting_verb: bytes) -> bytes:
         stream = sock.makefile("rb")
         stream.readline()
         sock.sendall(greeting_verb + b" client.test\r\n")
-        while (line := stream.readline())[3:4] == b"-":
+        while stream.readline()[3:4] == b"-":
             pass
         sock.sendall(b"".join(envelope_lines("sender@client.test", RECIPIENTS[:2])))
         return stream.read()

@@ -21,7 +21,7 @@ FRAMING = st.lists(st.sampled_from([b"\r\n", b"\r", b"\n", b".", b"\x00", b"a", 
 
 def cuts(data: bytes, points: list[int]) -> list[bytes]:
     points = sorted({p % (len(data) + 1) for p in points})
-    return [data[a:b] for a, b in zip([0, *points], [*points, len(data)])]
+    return [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
 
 
 def reframe(data: bytes, pieces_at: list[int] = (), reject: bool = False) -> tuple[bytes, BodyReframer]:
