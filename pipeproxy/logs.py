@@ -39,7 +39,9 @@ def configure(log_format: str, level: str, stream: TextIO | None = None) -> None
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        # One write per line, newline included (print() writes the newline apart), so
+        # worker processes sharing stdout never splice their lines together.
+        logger_factory=structlog.WriteLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
     handler = logging.StreamHandler(stream)
