@@ -183,16 +183,19 @@ class Connection:
             self._room.unpark_all()
 
     async def _perform(self, actions: list[Action]) -> None:
+        upstream_lost = False
         for action in actions:
             if isinstance(action, ToClient):
                 await self._send_client(action.data)
             elif isinstance(action, ToUpstream):
                 assert self.upstream is not None
+                if upstream_lost:
+                    continue
                 try:
                     await self.upstream.send_all(action.data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    await self._perform(self.session.upstream_failed("upstream connection lost while sending"))
-                    return
+                    # The rest still runs: a Close later in this list must be seen.
+                    upstream_lost = True
             elif isinstance(action, Log):
                 getattr(self.log, action.level)(action.event, **action.fields)
             elif isinstance(action, Close):
@@ -200,6 +203,8 @@ class Connection:
                 # carry out the replies that came before its Close.
                 self.reason, self.clean = action.reason, action.clean
                 self._closed.set()
+        if upstream_lost:  # a no-op if the Session had closed already
+            await self._perform(self.session.upstream_failed("upstream connection lost while sending"))
 
     async def _send_client(self, data: bytes) -> None:
         with trio.move_on_after(self.config.timeouts.client_idle) as scope:

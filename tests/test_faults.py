@@ -11,7 +11,10 @@ import pytest
 import trio
 from peers import Peer, closed_port, start_legacy, start_proxy, start_upstream
 
+from pipeproxy.config import Config
 from pipeproxy.legacy_mta import LegacyMTA
+from pipeproxy.proxy import Connection
+from pipeproxy.session import Close, ToClient, ToUpstream
 from pipeproxy.smtp_client import envelope_lines
 
 CLOSED = b"421 4.4.2 Upstream server closed the connection\r\n"
@@ -331,3 +334,21 @@ async def test_a_client_that_half_closes_after_its_last_command_still_gets_every
     replies = await client.rest()
     assert [line[:3] for line in replies.splitlines() if line[3:4] == b" "] == [b"220", b"250", b"250", b"250", b"354", b"250", b"221"]
     assert len(mta.messages) == 1 and mta.violations == []
+
+
+async def test_an_upstream_write_failing_still_carries_out_the_rest_and_closes(nursery):
+    """If sending upstream fails mid-list, the replies and the Close after it still happen."""
+    client_side: list[Peer] = []
+
+    async def keep(peer: Peer) -> None:
+        client_side.append(peer)
+        await trio.sleep_forever()
+
+    address = await start_upstream(nursery, keep)
+    connection = Connection(await trio.open_tcp_stream(*address), Config())
+    connection.upstream = await trio.open_tcp_stream(*address)
+    await connection.upstream.aclose()  # every send to it now fails
+    notice = b"421 4.4.2 Error: message not completed, closing connection\r\n"
+    await connection._perform([ToUpstream(b"partial"), ToClient(notice), Close("client gone", False)])
+    assert connection._closed.is_set(), "the Close was skipped: the connection would hang"
+    assert await client_side[0].line() == notice
