@@ -1,7 +1,8 @@
 """The proxy's state machine for one client and its upstream, with no I/O.
 
 Theory of operation. The shell (proxy.py) feeds in what arrives: ``client_data``,
-``upstream_data``, ``client_closed``, ``upstream_closed``, ``timed_out``. Each returns
+``upstream_data``, ``client_closed``, ``upstream_closed``, ``upstream_failed``,
+``timed_out``, and, when pipeproxy stops, ``drain`` and ``shut_down``. Each returns
 the actions to carry out, in order: ``ToClient``, ``ToUpstream``, ``Log`` and, last,
 ``Close``. The session keeps one clock (a callable given by the shell) for its deadlines,
 exposed as ``deadline``.
@@ -244,8 +245,7 @@ class Session:
                 line = self._commands.next_line(sasl=self._mode is Mode.SASL)
             except ProtocolError as error:
                 self.commands += 1
-                self._log("info", "command refused", reason=error.reason)
-                self._answer(error.reply, "")
+                self._refuse("", error.reply, error.reason)
                 continue
             if line is None:
                 self._flush()
@@ -267,27 +267,29 @@ class Session:
         verb, _, argument = text.partition(" ")
         verb = verb.upper()
         if verb in REFUSED:
-            self._log("info", "command refused", verb=verb, reason="not relayable")
-            self._answer(REFUSED[verb], verb)
+            self._refuse(verb, REFUSED[verb], "not relayable")
             return
         transaction = self._transaction
         if verb == "MAIL":
             self._end_transaction(None, "new MAIL command")
             declared = _SIZE_PARAMETER.search(argument)
             if self.config.max_message_size and declared and int(declared[1]) > self.config.max_message_size:
-                self._log("info", "command refused", verb=verb, reason="declared SIZE over the limit")
-                self._answer(TOO_BIG.serialise(), verb)
+                self._refuse(verb, TOO_BIG.serialise(), "declared SIZE over the limit")
                 return
             self._transaction = _Transaction(sender=mailbox(argument))
         elif verb == "RCPT" and transaction is not None:
             if transaction.recipients >= self.config.max_recipients:
-                self._log("info", "command refused", verb=verb, reason="too many recipients")
-                self._answer(TOO_MANY_RECIPIENTS, verb)
+                self._refuse(verb, TOO_MANY_RECIPIENTS, "too many recipients")
                 return
             transaction.recipients += 1
         elif verb in ("RSET", "HELO", "EHLO", "QUIT"):
             self._end_transaction(None, f"{verb} command")
         self._send_command(verb, argument, line)
+
+    def _refuse(self, verb: str, answer: bytes, reason: str) -> None:
+        """Answer a command here, never forwarding it, and say why in the log."""
+        self._log("info", "command refused", verb=verb or None, reason=reason)
+        self._answer(answer, verb)
 
     def _send_command(self, verb: str, argument: str, line: bytes) -> None:
         now = self._clock()
@@ -370,8 +372,7 @@ class Session:
     def _unsolicited(self, upstream_reply: Reply) -> None:
         """A reply to nothing: a 421 shutdown notice (RFC 5321 §3.8) or a broken peer."""
         if upstream_reply.code == 421:
-            self._flush()
-            self._hold(upstream_reply.serialise())
+            self._hold(upstream_reply.serialise())  # after what is held: one write
             self._fail(None, "upstream sent 421 unprompted")
         else:
             self._fail(reply(421, "4.4.2 Upstream server broke the protocol, closing connection"), "unsolicited reply")
