@@ -109,7 +109,10 @@ async def test_ehlo_refused_upstream_falls_back_to_helo(nursery):
 
 
 async def test_large_message_streams_through_with_bounded_input(nursery, mta):
-    """A 5 MB message arrives whole and unchanged, though the proxy holds 256 KiB at most."""
+    """A 5 MB message, sent while replies are read, arrives whole and unchanged.
+
+    (That memory stays bounded meanwhile is test_memory's job.)
+    """
     proxy = await start_proxy(nursery, await start_legacy(nursery, mta))
     peer = await open_session(proxy)
     await peer.send(b"".join(envelope_lines("s@client.test", ["big@legacy.test"])))
