@@ -16,7 +16,7 @@ import math
 
 import trio
 
-from pipeproxy.config import Address
+from pipeproxy.core.config import Address
 
 
 async def _pipe(source: trio.SocketStream, sink: trio.SocketStream, delay: float) -> None:

@@ -19,8 +19,8 @@ import time
 
 import trio
 
-from pipeproxy.config import Address
-from pipeproxy.smtp_client import SMTPClient
+from pipeproxy.core.config import Address
+from pipeproxy.demo.client import SMTPClient
 
 CONTENT = b"From: load@client.test\r\nSubject: load\r\n\r\n" + b"A line of a benchmark message body.\r\n" * 50
 

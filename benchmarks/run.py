@@ -32,7 +32,7 @@ from pathlib import Path
 
 import trio
 
-from pipeproxy.smtp_client import SMTPClient, envelope_lines
+from pipeproxy.demo.client import SMTPClient, envelope_lines
 
 HERE = Path(__file__).resolve().parent
 ONE_WAY_DELAY = 0.05
@@ -93,7 +93,7 @@ class Services(contextlib.ExitStack):
     def legacy_mta(self) -> int:
         """pipeproxy's bundled strict legacy MTA: on trio, it holds 10,000 connections."""
         port = free_port()
-        code = "import sys, trio; from pipeproxy.legacy_mta import LegacyMTA; trio.run(LegacyMTA().serve, '127.0.0.1', int(sys.argv[1]))"
+        code = "import sys, trio; from pipeproxy.demo.legacy_mta import LegacyMTA; trio.run(LegacyMTA().serve, '127.0.0.1', int(sys.argv[1]))"
         self.start([sys.executable, "-c", code, str(port)])
         wait_listening(port)
         return port

@@ -15,9 +15,9 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from pipeproxy.config import Address, Config
-from pipeproxy.server import serve
-from pipeproxy.wire import Reply, ReplyReader
+from pipeproxy.core.config import Address, Config
+from pipeproxy.shell.server import serve
+from pipeproxy.core.wire import Reply, ReplyReader
 
 LOCALHOST = "127.0.0.1"
 

@@ -14,9 +14,9 @@ import pytest
 import trio
 from peers import JsonLog, start_legacy
 
-from pipeproxy.cli import parse_config
-from pipeproxy.config import Address, BareLineEndings
-from pipeproxy.legacy_mta import LegacyMTA
+from pipeproxy.cli.main import parse_config
+from pipeproxy.core.config import Address, BareLineEndings
+from pipeproxy.demo.legacy_mta import LegacyMTA
 
 PIPEPROXY = [sys.executable, "-m", "pipeproxy"]
 
@@ -134,7 +134,7 @@ async def test_the_proxy_process_serves_ipv6_logs_json_and_stops_on_sigterm(nurs
 
 def test_stdlib_log_records_come_out_as_json():
     """trio's and other libraries' logging records share the JSON format."""
-    code = "import logging; from pipeproxy import logs; logs.configure('json', 'info'); logging.getLogger('trio').warning('from stdlib')"
+    code = "import logging; from pipeproxy.shell import logging_setup; logging_setup.configure('json', 'info'); logging.getLogger('trio').warning('from stdlib')"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     line = json.loads(result.stdout)
     assert (line["event"], line["level"]) == ("from stdlib", "warning")

@@ -20,7 +20,7 @@ import pytest
 import trio
 from peers import LOCALHOST, start_legacy
 
-from pipeproxy.legacy_mta import LegacyMTA
+from pipeproxy.demo.legacy_mta import LegacyMTA
 
 pytestmark = pytest.mark.container
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,10 +11,10 @@ import pytest
 import trio
 from peers import LOCALHOST, JsonLog, Peer, start_legacy
 
-from pipeproxy.config import Address, Config
-from pipeproxy.legacy_mta import LegacyMTA
-from pipeproxy.server import Server
-from pipeproxy.smtp_client import envelope_lines
+from pipeproxy.core.config import Address, Config
+from pipeproxy.demo.legacy_mta import LegacyMTA
+from pipeproxy.shell.server import Server
+from pipeproxy.demo.client import envelope_lines
 
 SHUTTING_DOWN = b"421 4.3.2 Service shutting down, closing connection\r\n"
 

@@ -11,11 +11,11 @@ import pytest
 import trio
 from peers import Peer, closed_port, start_legacy, start_proxy, start_upstream
 
-from pipeproxy.config import Config
-from pipeproxy.legacy_mta import LegacyMTA
-from pipeproxy.proxy import Connection
-from pipeproxy.session import Close, ToClient, ToUpstream
-from pipeproxy.smtp_client import envelope_lines
+from pipeproxy.core.config import Config
+from pipeproxy.demo.legacy_mta import LegacyMTA
+from pipeproxy.shell.connection import Connection
+from pipeproxy.core.session import Close, ToClient, ToUpstream
+from pipeproxy.demo.client import envelope_lines
 
 CLOSED = b"421 4.4.2 Upstream server closed the connection\r\n"
 UNAVAILABLE = b"421 4.4.2 Upstream server unavailable, closing connection\r\n"

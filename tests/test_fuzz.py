@@ -22,9 +22,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transcript import FakeClock
 
-from pipeproxy.config import BareLineEndings, Config
-from pipeproxy.session import Close, Log, Session, ToClient, ToUpstream
-from pipeproxy.wire import ReplyReader
+from pipeproxy.core.config import BareLineEndings, Config
+from pipeproxy.core.session import Close, Log, Session, ToClient, ToUpstream
+from pipeproxy.core.wire import ReplyReader
 
 TOKENS = [
     b"EHLO c\r\n", b"HELO c\r\n", b"MAIL FROM:<a@b>\r\n", b"MAIL FROM:<a@b> SIZE=99999\r\n", b"RCPT TO:<c@d>\r\n",

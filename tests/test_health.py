@@ -11,10 +11,10 @@ import sys
 import trio
 from peers import LOCALHOST, JsonLog, start_legacy
 
-from pipeproxy.config import Address, Config
-from pipeproxy.health import check, serve_health
-from pipeproxy.legacy_mta import LegacyMTA
-from pipeproxy.server import Server, listen
+from pipeproxy.core.config import Address, Config
+from pipeproxy.shell.health import check, serve_health
+from pipeproxy.demo.legacy_mta import LegacyMTA
+from pipeproxy.shell.server import Server, listen
 
 
 def free_port() -> int:

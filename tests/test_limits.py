@@ -6,8 +6,8 @@ import trio
 from peers import Peer, start_legacy, start_proxy
 from transcript import CLOSED, TO_CLIENT, TO_UPSTREAM, C, U, play, play_every_way
 
-from pipeproxy.config import Config, Timeouts
-from pipeproxy.legacy_mta import LegacyMTA
+from pipeproxy.core.config import Config, Timeouts
+from pipeproxy.demo.legacy_mta import LegacyMTA
 from test_session import GREETING, OPENED, lockstep_group
 
 SMALL = Config(max_recipients=2, max_message_size=100)

@@ -18,9 +18,9 @@ import pytest
 import trio
 from peers import JsonLog, Peer, start_legacy, start_proxy
 
-from pipeproxy.config import Address
-from pipeproxy.legacy_mta import LegacyMTA
-from pipeproxy.smtp_client import envelope_lines
+from pipeproxy.core.config import Address
+from pipeproxy.demo.legacy_mta import LegacyMTA
+from pipeproxy.demo.client import envelope_lines
 
 SESSIONS = int(os.environ.get("PIPEPROXY_LOAD_SESSIONS", "1000"))
 MESSAGES = int(os.environ.get("PIPEPROXY_LOAD_MESSAGES", "2"))

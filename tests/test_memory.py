@@ -14,8 +14,8 @@ import sys
 import trio
 from peers import JsonLog, Peer, start_upstream
 
-from pipeproxy.config import Address
-from pipeproxy.smtp_client import envelope_lines
+from pipeproxy.core.config import Address
+from pipeproxy.demo.client import envelope_lines
 
 MESSAGE_LINES = 50_000  # of 1,000 octets each: 50 MB
 LINE = b"x" * 998 + b"\r\n"

@@ -10,8 +10,8 @@ import pytest
 import trio
 from peers import Peer, start_legacy, start_proxy
 
-from pipeproxy.legacy_mta import LegacyMTA
-from pipeproxy.smtp_client import envelope_lines
+from pipeproxy.demo.legacy_mta import LegacyMTA
+from pipeproxy.demo.client import envelope_lines
 
 RECIPIENTS = [f"rcpt{i}@legacy.test" for i in range(10)]
 

@@ -9,9 +9,9 @@ import pytest
 import structlog
 from peers import Peer, start_legacy, start_proxy
 
-from pipeproxy import proxy_protocol
-from pipeproxy.config import Address
-from pipeproxy.legacy_mta import LegacyMTA
+from pipeproxy.core import proxy_protocol
+from pipeproxy.core.config import Address
+from pipeproxy.demo.legacy_mta import LegacyMTA
 
 
 def v2(command: int, family: int, payload: bytes) -> bytes:

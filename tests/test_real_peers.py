@@ -14,9 +14,9 @@ import pytest
 import trio
 from peers import start_legacy, start_proxy
 
-from pipeproxy.config import Address
-from pipeproxy.legacy_mta import LegacyMTA
-from pipeproxy.smtp_client import envelope_lines
+from pipeproxy.core.config import Address
+from pipeproxy.demo.legacy_mta import LegacyMTA
+from pipeproxy.demo.client import envelope_lines
 
 pytestmark = pytest.mark.peers
 

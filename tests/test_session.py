@@ -21,7 +21,7 @@ from transcript import (
     play_every_way,
 )
 
-from pipeproxy.config import BareLineEndings, Config, Timeouts
+from pipeproxy.core.config import BareLineEndings, Config, Timeouts
 
 GREETING = [(U, b"220 legacy.test ESMTP\r\n"), (TO_CLIENT, b"220 legacy.test ESMTP\r\n")]
 EHLO = [

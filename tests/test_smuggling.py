@@ -13,9 +13,9 @@ from __future__ import annotations
 import pytest
 from peers import Peer, start_legacy, start_proxy
 
-from pipeproxy.config import BareLineEndings
-from pipeproxy.legacy_mta import LegacyMTA
-from pipeproxy.smtp_client import envelope_lines
+from pipeproxy.core.config import BareLineEndings
+from pipeproxy.demo.legacy_mta import LegacyMTA
+from pipeproxy.demo.client import envelope_lines
 
 # From the SEC Consult research and the scanners that followed it; each would end the
 # message early on some MTA.

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeproxy.capabilities import rewrite_ehlo
-from pipeproxy.wire import BodyReframer, CommandReader, ProtocolError, Reply, ReplyReader, mailbox
+from pipeproxy.core.ehlo import rewrite_ehlo
+from pipeproxy.core.wire import BodyReframer, CommandReader, ProtocolError, Reply, ReplyReader, mailbox
 
 # Bytes that matter to framing, mixed with ordinary text, so examples hit the edges.
 FRAMING = st.lists(st.sampled_from([b"\r\n", b"\r", b"\n", b".", b"\x00", b"a", b"MAIL FROM:<x@y>", b" "]), max_size=40).map(b"".join)

@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from pipeproxy.config import Config
-from pipeproxy.session import Action, Close, Log, Session, ToClient, ToUpstream
+from pipeproxy.core.config import Config
+from pipeproxy.core.session import Action, Close, Log, Session, ToClient, ToUpstream
 
 C, U = "client sends", "upstream sends"
 TO_CLIENT, TO_UPSTREAM = "proxy sent client", "proxy sent upstream"

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .wire import mailbox
+from ..core.wire import mailbox
 
 GREETING = ("legacy.test ESMTP legacy MTA, no PIPELINING",)
 EXTENSIONS = ("SIZE 10240000", "8BITMIME", "ENHANCEDSTATUSCODES")

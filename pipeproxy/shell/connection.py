@@ -18,8 +18,8 @@ import time
 import structlog
 import trio
 
-from .config import Address, Config
-from .session import Action, Close, Log, Session, ToClient, ToUpstream
+from ..core.config import Address, Config
+from ..core.session import Action, Close, Log, Session, ToClient, ToUpstream
 
 CHUNK = 64 * 1024
 # After the last reply, how long to wait for the client to close before we do, so a

@@ -23,11 +23,12 @@ from typing import Any, NoReturn
 import structlog
 import trio
 
-from . import demo, logs
-from .capabilities import normalise_keywords
-from .config import Address, BareLineEndings, Config, Timeouts
-from .health import check, serve_health
-from .server import Server, listen
+from ..demo import run as demo
+from ..shell import logging_setup as logs
+from ..core.ehlo import normalise_keywords
+from ..core.config import Address, BareLineEndings, Config, Timeouts
+from ..shell.health import check, serve_health
+from ..shell.server import Server, listen
 
 ENV_PREFIX = "PIPEPROXY_"
 TIMEOUT_NAMES = [f.name for f in dataclasses.fields(Timeouts)]

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import trio
 
-from .config import Address
+from ..core.config import Address
 
 MAX_REQUEST = 4096
 REQUEST_TIMEOUT = 5.0

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import trio
 
-from .wire import Reply, ReplyReader
+from ..core.wire import Reply, ReplyReader
 
 
 class SMTPClient:

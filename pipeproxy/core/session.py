@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .capabilities import ehlo_from_helo, rewrite_ehlo
+from .ehlo import ehlo_from_helo, rewrite_ehlo
 from .config import BareLineEndings, Config
 from .wire import CRLF, BodyReframer, CommandReader, ProtocolError, Reply, ReplyReader, mailbox, reply
 

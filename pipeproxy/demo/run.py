@@ -13,11 +13,11 @@ from typing import TextIO
 
 import trio
 
-from . import logs
-from .config import Address, Config
+from ..shell import logging_setup as logs
+from ..core.config import Address, Config
 from .legacy_mta import LegacyMTA
-from .server import serve
-from .smtp_client import SMTPClient, envelope_lines
+from ..shell.server import serve
+from .client import SMTPClient, envelope_lines
 
 RECIPIENTS = [f"user{i}@legacy.test" for i in range(1, 11)]
 SENDER = "demo@client.test"

@@ -21,10 +21,10 @@ import socket
 import structlog
 import trio
 
-from . import proxy_protocol
-from .config import Address, Config
-from .proxy import Connection
-from .wire import reply
+from ..core import proxy_protocol
+from ..core.config import Address, Config
+from .connection import Connection
+from ..core.wire import reply
 
 # Connections can arrive in bursts (PEERS.md: socat's backlog of 5 dropped SYNs);
 # the kernel caps this at its somaxconn.

@@ -1,0 +1,1 @@
+"""What ``pipeproxy demo`` runs: a bundled strict legacy MTA and a pipelining client."""

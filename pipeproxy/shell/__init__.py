@@ -1,0 +1,1 @@
+"""The trio shell: sockets, listeners, signals and the health endpoint around the core."""
