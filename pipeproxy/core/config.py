@@ -88,5 +88,9 @@ class Config:
     workers: int = 1
     # Seconds that transactions in flight get to finish after SIGTERM or SIGINT.
     grace_period: float = 30.0
+    # Seconds replies to RSET/MAIL/RCPT may be held for one write while the upstream is
+    # slow; past it what is held goes out, so a client's read timeout never fires on
+    # replies pipeproxy already has.
+    hold_time: float = 1.0
     bare_line_endings: BareLineEndings = BareLineEndings.NEUTRALISE
     timeouts: Timeouts = field(default_factory=Timeouts)

@@ -25,8 +25,10 @@ from dataclasses import dataclass
 
 CRLF = b"\r\n"
 
-# RFC 5321 §4.5.3.1.4: a command line is at most 512 octets, CRLF included.
-DEFAULT_MAX_COMMAND_LINE = 512
+# RFC 5321 §4.5.3.1.4: a command line is at most 512 octets, CRLF included, "unless an
+# extension raises it"; a legal RCPT with an RFC 3461 ORCPT runs to about 1,000. 2048 is
+# Postfix's line_length_limit.
+DEFAULT_MAX_COMMAND_LINE = 2048
 # RFC 4954 §4: SASL exchanges may send lines of up to 12288 octets.
 MAX_AUTH_LINE = 12288
 # RFC 5321 §4.5.3.1.5 says 512 for a reply line; real MTAs exceed it, and EHLO replies
