@@ -14,7 +14,8 @@ from peers import Peer, closed_port, start_legacy, start_proxy, start_upstream
 from pipeproxy.core.config import Config
 from pipeproxy.demo.legacy_mta import LegacyMTA
 from pipeproxy.shell.connection import Connection
-from pipeproxy.core.session import Close, ToClient, ToUpstream
+from pipeproxy.core.actions import Close, ToClient, ToUpstream
+from pipeproxy.core.wire import reply
 from pipeproxy.demo.client import envelope_lines
 
 CLOSED = b"421 4.4.2 Upstream server closed the connection\r\n"
@@ -348,7 +349,7 @@ async def test_an_upstream_write_failing_still_carries_out_the_rest_and_closes(n
     connection = Connection(await trio.open_tcp_stream(*address), Config())
     connection.upstream = await trio.open_tcp_stream(*address)
     await connection.upstream.aclose()  # every send to it now fails
-    notice = b"421 4.4.2 Error: message not completed, closing connection\r\n"
-    await connection._perform([ToUpstream(b"partial"), ToClient(notice), Close("client gone", False)])
+    notice = reply(421, "4.4.2 Error: message not completed, closing connection")
+    await connection._perform([ToUpstream(b"partial"), ToClient((notice,)), Close("client gone", False)])
     assert connection._closed.is_set(), "the Close was skipped: the connection would hang"
-    assert await client_side[0].line() == notice
+    assert await client_side[0].line() == notice.serialise()

@@ -1,10 +1,13 @@
 """Property tests of the whole protocol core: any client bytes, any upstream replies, any cuts.
 
 hypothesis drives a Session with client input built from the tokens that matter to SMTP
-framing, and a model upstream that answers each complete command with a code drawn at
-random. Whatever happens, these hold:
+framing (non-UTF-8 octets included), and a model upstream that answers each complete
+command with a code drawn at random. Which of its replies the client must see comes from
+the session's own table of exchanges (``transition``), so the model knows the protocol
+(which exchange a command is) but not the session's decisions. Whatever happens, these hold:
 
-* nothing but the session's own handling of protocol errors happens (no exception);
+* nothing but the session's own handling of protocol errors happens (no exception, and
+  no "internal error" line: the session turns a bug into a 421, which would hide it);
 * the upstream never receives a byte before the greeting or while one of its replies is
   outstanding, and after a 354 nothing past the message's terminator;
 * the client only ever receives well-formed replies, the upstream's in the order it gave
@@ -20,10 +23,23 @@ import re
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transcript import FakeClock
+from transcript import CLIENT, FakeClock
 
+from pipeproxy.core import session as core
+from pipeproxy.core.actions import Close, ConnectUpstream, DropUpstream, Log, ToClient, ToUpstream
 from pipeproxy.core.config import BareLineEndings, Config
-from pipeproxy.core.session import Close, Log, Session, ToClient, ToUpstream
+from pipeproxy.core.events import (
+    ClientClosed,
+    ClientConnected,
+    ClientData,
+    Drain,
+    ShutDown,
+    Tick,
+    UpstreamClosed,
+    UpstreamConnected,
+    UpstreamData,
+)
+from pipeproxy.core.session import Relay, Session, transition
 from pipeproxy.core.wire import ReplyReader
 
 TOKENS = [
@@ -31,7 +47,9 @@ TOKENS = [
     b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nRCPT TO:<e@f>\r\nRCPT TO:<g@h>\r\nDATA\r\n",
     b"DATA\r\n", b"RSET\r\n", b"NOOP\r\n", b"QUIT\r\n", b"AUTH PLAIN\r\n", b"dGVzdA==\r\n", b"STARTTLS\r\n",
     b"BDAT 5 LAST\r\n", b"body line\r\n", b".\r\n", b"\r\n.\r\n", b"..\r\n", b"\n.\n", b"\r.\r", b"\r", b"\n",
-    b"\x00", b".", b"x" * 700, b"VRFY x\r\n",
+    b"\x00", b".", b"x" * 700, b"VRFY x\r\n", b"AUTH PLAIN dGVzdA==\r\n", b"*\r\n",
+    # Not UTF-8: client names and addresses are octets, and must never crash the session.
+    b"EHLO caf\xe9.test\r\n", b"HELO \xff\xfe\r\n", b"MAIL FROM:<\xe9@x> SIZE=\xd9\xa3\r\n", b"\xc3\r\n", b"\x80",
 ]
 CODES = [250, 250, 250, 251, 354, 334, 221, 421, 450, 500, 502, 550, 554]
 CONFIGS = [
@@ -43,15 +61,17 @@ SEQ = re.compile(r"seq=(\d+)")
 
 
 class ModelUpstream:
-    """An upstream that records every protocol violation pipeproxy commits against it."""
+    """One upstream connection that records every protocol violation pipeproxy commits
+    against it, and knows which exchange each command it received is."""
 
-    def __init__(self) -> None:
+    def __init__(self, replay: bool, violations: list[str]) -> None:
+        self.replay = replay  # pipeproxy reconnected: it greets this one on its own
         self.greeted = False
         self.buffer = b""
         self.in_body = False
         self.awaiting_reply = False  # a complete command or message is waiting for its reply
-        self.last_verb = ""
-        self.violations: list[str] = []
+        self.exchange = core.REPLAY_GREETING if replay else core.GREETING
+        self.violations = violations
 
     def receive(self, data: bytes) -> None:
         if not self.greeted:
@@ -62,23 +82,41 @@ class ModelUpstream:
         if self.in_body:
             # The buffer holds the whole message so far: ".\r\n" first is an empty one.
             if self.buffer.startswith(b".\r\n"):
-                self._complete(3, "end of data")
+                self._complete(3, core.END_OF_DATA)
             elif (end := self.buffer.find(b"\r\n.\r\n")) >= 0:
-                self._complete(end + 5, "end of data")
+                self._complete(end + 5, core.END_OF_DATA)
         elif (end := self.buffer.find(b"\r\n")) >= 0:
-            self._complete(end + 2, self.buffer.split(b" ", 1)[0].split(b"\r")[0].upper().decode("latin-1"))
+            self._complete(end + 2, self._classify(self.buffer.split(b" ", 1)[0].split(b"\r")[0].upper()))
 
-    def _complete(self, end: int, verb: str) -> None:
+    def _classify(self, verb: bytes) -> core.Exchange:
+        """Which exchange a command line is, from what was said before it on this connection."""
+        previous, code = self.exchange, self.last_code
+        if previous in (core.AUTH, core.SASL) and code == 334:
+            return core.SASL
+        if previous in (core.REPLAY_GREETING,) and verb == b"EHLO":
+            return core.REPLAY_EHLO
+        if previous in (core.REPLAY_GREETING, core.REPLAY_EHLO) and verb == b"HELO":
+            return core.REPLAY_HELO
+        if previous is core.EHLO and code in (500, 502) and verb == b"HELO":
+            return core.HELO_FALLBACK
+        return core.VERBS.get(verb.decode("latin-1"), core.OTHER)
+
+    def _complete(self, end: int, exchange: core.Exchange) -> None:
         if self.buffer[end:]:
-            self.violations.append(f"{self.buffer[end:]!r} sent after {verb} before its reply")
+            self.violations.append(f"{self.buffer[end:]!r} sent after {exchange.name} before its reply")
         self.buffer = b""
         self.in_body = False
         self.awaiting_reply = True
-        self.last_verb = verb
+        self.exchange = exchange
 
-    def replied(self, code: int) -> None:
+    last_code = 0
+
+    def replied(self, code: int) -> bool:
+        """Take a reply; whether the client is to see it, by the session's table."""
         self.awaiting_reply = False
-        self.in_body = code == 354 and self.last_verb == "DATA"
+        self.last_code = code
+        self.in_body = code == 354 and self.exchange is core.DATA
+        return transition(self.exchange, code)[0] is not Relay.NOT_RELAYED
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=["defaults", "strict-limits", "tiny-buffers"])
@@ -87,7 +125,8 @@ class ModelUpstream:
 def test_any_conversation_keeps_the_proxys_promises(data, config):
     clock = FakeClock()
     session = Session(config, clock)
-    upstream = ModelUpstream()
+    violations: list[str] = []
+    connections: list[ModelUpstream] = []
     client_bytes = bytearray()
     upstream_seqs: list[int] = []  # seq numbers of the replies the client must see
     closed = False
@@ -96,32 +135,44 @@ def test_any_conversation_keeps_the_proxys_promises(data, config):
 
     def apply(actions) -> None:
         nonlocal closed
+        connects = 0
         for action in actions:
             assert not closed, f"{action!r} after Close"
             if isinstance(action, ToUpstream):
-                upstream.receive(action.data)
+                assert connections, "a write with no upstream connection"
+                connections[-1].receive(action.data)
             elif isinstance(action, ToClient):
                 client_bytes.extend(action.data)
             elif isinstance(action, Close):
                 closed = True
+            elif isinstance(action, ConnectUpstream):
+                connections.append(ModelUpstream(replay=bool(connections), violations=violations))
+                connects += 1
+            elif isinstance(action, DropUpstream):
+                pass  # the next ConnectUpstream starts a fresh model connection
             else:
                 assert isinstance(action, Log)
+                assert action.event != "internal error", action.fields["exception"]
+        for _ in range(connects):
+            apply(session.handle(UpstreamConnected()))
 
-    def feed_in_pieces(feed, payload: bytes) -> None:
+    def feed_in_pieces(event, payload: bytes) -> None:
         points = sorted(set(data.draw(st.lists(st.integers(0, len(payload)), max_size=3))))
         for a, b in zip([0, *points], [*points, len(payload)], strict=True):
             if payload[a:b] and not closed:
-                apply(feed(payload[a:b]))
+                apply(session.handle(event(payload[a:b])))
 
+    apply(session.handle(ClientConnected(CLIENT)))
     for _ in range(data.draw(st.integers(1, 40))):
         if closed:
             break
+        upstream = connections[-1]
         move = data.draw(
             st.sampled_from(["client"] * 4 + ["upstream"] * 4 + ["client_eof", "upstream_eof", "timeout", "drain", "shut_down"])
         )
         if move == "client" and not client_gone:
             payload = b"".join(data.draw(st.lists(st.sampled_from(TOKENS), min_size=1, max_size=8)))
-            feed_in_pieces(session.client_data, payload)
+            feed_in_pieces(ClientData, payload)
         elif move == "upstream" and (upstream.awaiting_reply or not upstream.greeted):
             code = data.draw(st.sampled_from([220, 220, 421, 554])) if not upstream.greeted else data.draw(st.sampled_from(CODES))
             seq += 1
@@ -129,26 +180,24 @@ def test_any_conversation_keeps_the_proxys_promises(data, config):
             # The seq goes on the first line: the one an EHLO reply keeps whatever else changes.
             reply = b"%d%sseq=%d\r\n" % (code, b"-" if lines > 1 else b" ", seq)
             reply += b"".join(b"%d%sline\r\n" % (code, b"-" if i < lines - 2 else b" ") for i in range(lines - 1))
-            swallowed = upstream.greeted and upstream.last_verb == "EHLO" and code in (500, 502)
-            if not swallowed:
+            if upstream.replied(code):
                 upstream_seqs.append(seq)
             upstream.greeted = True
-            upstream.replied(code)
-            feed_in_pieces(session.upstream_data, reply)
+            feed_in_pieces(UpstreamData, reply)
         elif move == "client_eof" and not client_gone:
             client_gone = True
-            apply(session.client_closed())
+            apply(session.handle(ClientClosed()))
         elif move == "upstream_eof":
-            apply(session.upstream_closed())
+            apply(session.handle(UpstreamClosed()))
         elif move == "drain":
-            apply(session.drain())
+            apply(session.handle(Drain()))
         elif move == "shut_down":
-            apply(session.shut_down())
+            apply(session.handle(ShutDown()))
         elif move == "timeout" and session.deadline != float("inf"):
             clock.now = max(clock.now, session.deadline)
-            apply(session.timed_out())
+            apply(session.handle(Tick()))
 
-    assert upstream.violations == []
+    assert violations == []
     reader = ReplyReader(max_size=1 << 20)
     reader.feed(bytes(client_bytes))
     seen: list[int] = []

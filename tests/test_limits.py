@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import trio
 from peers import Peer, start_legacy, start_proxy
-from transcript import CLOSED, TO_CLIENT, TO_UPSTREAM, C, U, play, play_every_way
+from transcript import CLOSED, RECONNECTED, TO_CLIENT, TO_UPSTREAM, C, U, play, play_every_way
 
+from pipeproxy.core.events import ClientData, Drain, ShutDown, Tick, UpstreamData
 from pipeproxy.core.config import Config, Timeouts
 from pipeproxy.demo.legacy_mta import LegacyMTA
 from test_session import GREETING, OPENED, lockstep_group
@@ -55,20 +56,28 @@ def test_declared_size_over_the_limit_gets_552_at_mail():
 
 
 def test_content_over_the_limit_gets_552_and_is_never_completed_upstream():
-    """Part went upstream already: the connection is dropped without a final dot."""
+    """Part went upstream already: the connection is dropped without a final dot, and the
+    session goes on over a new one (greeted again, silently)."""
     run = play(
         OPENED_SMALL
         + lockstep_group(1)
         + [
             (C, b"x" * 60 + b"\r\n"),
             (TO_UPSTREAM, b"x" * 60),
-            (C, b"y" * 60 + b"\r\n.\r\n"),
+            (C, b"y" * 60 + b"\r\n.\r\nRSET\r\n"),
             (TO_CLIENT, b"552 5.3.4 Message size exceeds fixed maximum message size\r\n"),
-            (CLOSED,),
+            (RECONNECTED,),
+            (U, b"220 l\r\n"),
+            (TO_UPSTREAM, b"EHLO client.test\r\n"),
+            (U, b"250 l\r\n"),
+            (TO_UPSTREAM, b"RSET\r\n"),
+            (U, b"250 2.0.0 Ok\r\n"),
+            (TO_CLIENT, b"250 2.0.0 Ok\r\n"),
         ],
         SMALL,
     )
     assert run.events("transaction")[0]["reply_code"] == 552
+    assert run.closed is None
 
 
 def test_own_size_limit_is_advertised_as_the_smaller_size():
@@ -108,9 +117,9 @@ def trickle(run, data: bytes, every: float) -> None:
     for byte in data:
         run.clock.now += every
         if run.clock.now >= run.session.deadline:
-            run.apply(run.session.timed_out())
+            run.feed(Tick())
             return
-        run.apply(run.session.client_data(bytes([byte])))
+        run.feed(ClientData(bytes([byte])))
 
 
 def test_a_command_trickled_a_byte_a_minute_is_cut_off_by_the_idle_timeout():
@@ -137,7 +146,7 @@ def test_a_silent_client_mid_message_is_cut_off_by_the_block_timeout():
     run = play(steps)
     last_data = run.clock.now
     run.clock.now = run.session.deadline
-    run.apply(run.session.timed_out())
+    run.feed(Tick())
     assert run.clock.now - last_data == Timeouts().data_block
     assert run.new_client_bytes() == b"421 4.4.2 Error: message not completed, closing connection\r\n"
     assert run.closed is not None

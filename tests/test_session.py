@@ -11,16 +11,21 @@ import dataclasses
 from transcript import (
     CLIENT_EOF,
     CLOSED,
+    LOG,
+    RECONNECTED,
     TIMEOUT,
     TO_CLIENT,
     TO_UPSTREAM,
     UPSTREAM_EOF,
     C,
     U,
+    bytewise,
     play,
     play_every_way,
+    whole,
 )
 
+from pipeproxy.core.events import ClientData, Drain, ShutDown, Tick, UpstreamData
 from pipeproxy.core.config import BareLineEndings, Config, Timeouts
 
 GREETING = [(U, b"220 legacy.test ESMTP\r\n"), (TO_CLIENT, b"220 legacy.test ESMTP\r\n")]
@@ -200,13 +205,14 @@ def test_content_and_the_next_transaction_in_one_write():
             (C, b"one\r\n.\r\nMAIL FROM:<s2@client.test>\r\nRCPT TO:<b@legacy.test>\r\nDATA\r\n"),
             (TO_UPSTREAM, b"one\r\n.\r\n"),
             (U, b"250 2.0.0 queued\r\n"),
+            (TO_CLIENT, b"250 2.0.0 queued\r\n"),  # the end of a message is the end of a group
             (TO_UPSTREAM, b"MAIL FROM:<s2@client.test>\r\n"),
             (U, b"250 2.1.0 Ok\r\n"),
             (TO_UPSTREAM, b"RCPT TO:<b@legacy.test>\r\n"),
             (U, b"250 2.1.5 Ok\r\n"),
             (TO_UPSTREAM, b"DATA\r\n"),
             (U, b"354 go\r\n"),
-            (TO_CLIENT, b"250 2.0.0 queued\r\n250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go\r\n"),
+            (TO_CLIENT, b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go\r\n"),
         ]
     )
 
@@ -260,7 +266,7 @@ def test_auth_exchange_is_relayed_line_by_line_and_never_logged():
     )
     logged = repr([log.fields for log in run.logs])
     assert "c2VjcmV0" not in logged
-    assert [fields["verb"] for fields in run.events("command")] == ["EHLO", "AUTH", "AUTH", "AUTH"]
+    assert [fields["verb"] for fields in run.events("command")] == ["EHLO", "AUTH", "SASL response", "SASL response"]
 
 
 def test_starttls_and_bdat_are_answered_by_the_proxy():
@@ -290,8 +296,33 @@ def test_unknown_verbs_are_forwarded_for_the_upstream_to_decide():
     )
 
 
+def test_a_long_legal_rcpt_with_orcpt_is_relayed_and_2049_octets_are_not():
+    """RFC 5321 §4.5.3.1.4 lets extensions raise 512; an RFC 3461 ORCPT runs to ~1,000 octets.
+
+    The default limit is Postfix's 2048: such a RCPT goes upstream, a longer line gets 500.
+    """
+    orcpt = b"RCPT TO:<r@legacy.test> NOTIFY=FAILURE ORCPT=rfc822;" + b"a" * 900 + b"@client.test\r\n"
+    too_long = b"NOOP " + b"x" * (2049 - 7) + b"\r\n"
+    assert len(too_long) == 2049
+    for cut in (whole, bytewise):
+        play(
+            OPENED
+            + [
+                (C, b"MAIL FROM:<s@client.test>\r\n" + orcpt),
+                (TO_UPSTREAM, b"MAIL FROM:<s@client.test>\r\n"),
+                (U, b"250 Ok\r\n"),
+                (TO_UPSTREAM, orcpt),
+                (U, b"250 Ok\r\n"),
+                (TO_CLIENT, b"250 Ok\r\n250 Ok\r\n"),
+                (C, too_long),
+                (TO_CLIENT, b"500 5.5.2 Error: line too long\r\n"),
+            ],
+            cut=cut,
+        )
+
+
 def test_overlong_command_line_gets_500_and_the_session_goes_on():
-    """Over 512 octets: 500 in its place in the reply order, nothing upstream, then on."""
+    """Over the limit (here 512): 500 in its place in the reply order, nothing upstream, then on."""
     long_line = b"RCPT TO:<" + b"x" * 600 + b"@legacy.test>\r\n"
     play_every_way(
         OPENED
@@ -299,10 +330,12 @@ def test_overlong_command_line_gets_500_and_the_session_goes_on():
             (C, b"MAIL FROM:<s@client.test>\r\n" + long_line + b"RCPT TO:<ok@legacy.test>\r\n"),
             (TO_UPSTREAM, b"MAIL FROM:<s@client.test>\r\n"),
             (U, b"250 Ok\r\n"),
+            (TO_CLIENT, b"250 Ok\r\n500 5.5.2 Error: line too long\r\n"),  # 500 is not held
             (TO_UPSTREAM, b"RCPT TO:<ok@legacy.test>\r\n"),
             (U, b"250 Ok\r\n"),
-            (TO_CLIENT, b"250 Ok\r\n500 5.5.2 Error: line too long\r\n250 Ok\r\n"),
-        ]
+            (TO_CLIENT, b"250 Ok\r\n"),
+        ],
+        Config(max_line_length=512),
     )
 
 
@@ -329,15 +362,15 @@ def test_bare_lf_cr_and_nul_in_command_lines_are_refused_not_forwarded():
         OPENED
         + [
             (C, b"MAIL FROM:<a@client.test>\nNOOP\rRSET\r\nNOOP\x00x\r\nRCPT TO:<b@legacy.test>\r\n"),
-            (TO_UPSTREAM, b"RCPT TO:<b@legacy.test>\r\n"),
-            (U, b"503 5.5.1 Error: need MAIL command\r\n"),
             (
                 TO_CLIENT,
                 b"500 5.5.2 Error: bare <LF> received\r\n"
                 b"500 5.5.2 Error: bare <CR> or NUL in command line\r\n"
-                b"500 5.5.2 Error: bare <CR> or NUL in command line\r\n"
-                b"503 5.5.1 Error: need MAIL command\r\n",
+                b"500 5.5.2 Error: bare <CR> or NUL in command line\r\n",
             ),
+            (TO_UPSTREAM, b"RCPT TO:<b@legacy.test>\r\n"),
+            (U, b"503 5.5.1 Error: need MAIL command\r\n"),
+            (TO_CLIENT, b"503 5.5.1 Error: need MAIL command\r\n"),
         ]
     )
 
@@ -438,9 +471,10 @@ def test_client_half_close_still_runs_the_commands_it_sent():
             (CLIENT_EOF,),
             (TO_UPSTREAM, b"NOOP\r\n"),
             (U, b"250 Ok\r\n"),
+            (TO_CLIENT, b"250 Ok\r\n"),
             (TO_UPSTREAM, b"QUIT\r\n"),
             (U, b"221 Bye\r\n"),
-            (TO_CLIENT, b"250 Ok\r\n221 Bye\r\n"),
+            (TO_CLIENT, b"221 Bye\r\n"),
             (CLOSED,),
         ]
     )
@@ -453,10 +487,15 @@ def test_greeting_timeout_gives_421():
 
 def test_upstream_refusing_connection_gives_421():
     """Upstream unreachable: the client's first line is a 421."""
-    run = play([])
-    run.apply(run.session.upstream_failed("connection refused"))
-    assert run.client_writes == [b"421 4.4.2 Upstream server unavailable, closing connection\r\n"]
-    assert run.closed is not None
+    play(
+        [
+            (LOG, "upstream unreachable", {"error": "connection refused"}),
+            (TO_CLIENT, b"421 4.4.2 Upstream server unavailable, closing connection\r\n"),
+            (LOG, "session closed", {"reason": "connection refused"}),
+            (CLOSED,),
+        ],
+        connect_fails=True,
+    )
 
 
 def test_each_wait_uses_its_rfc_timeout():
@@ -474,13 +513,13 @@ def test_each_wait_uses_its_rfc_timeout():
         ]
     )
     assert run.session.deadline == run.clock.now + timeouts.rcpt
-    run.apply(run.session.upstream_data(b"250 Ok\r\n"))
+    run.feed(UpstreamData(b"250 Ok\r\n"))
     assert run.session.deadline == run.clock.now + timeouts.client_idle
-    run.apply(run.session.client_data(b"DATA\r\n"))
+    run.feed(ClientData(b"DATA\r\n"))
     assert run.session.deadline == run.clock.now + timeouts.data_init
-    run.apply(run.session.upstream_data(b"354 go\r\n"))
+    run.feed(UpstreamData(b"354 go\r\n"))
     assert run.session.deadline == run.clock.now + timeouts.data_block
-    run.apply(run.session.client_data(b".\r\n"))
+    run.feed(ClientData(b".\r\n"))
     assert run.session.deadline == run.clock.now + timeouts.data_end
 
 
@@ -539,32 +578,110 @@ def test_bare_line_endings_in_content_are_neutralised_by_default():
     )
 
 
-def test_bare_line_endings_in_content_can_be_rejected_with_550():
-    """With the reject policy the message is refused and never completed upstream."""
-    config = dataclasses.replace(Config(), bare_line_endings=BareLineEndings.REJECT)
-    run = play(
+REJECT_BARE = Config(bare_line_endings=BareLineEndings.REJECT)
+REFUSED_550 = b"550 5.6.0 Message refused: bare CR, LF or NUL in content\r\n"
+
+
+def test_bare_line_endings_in_content_can_be_rejected_with_550_and_the_session_goes_on():
+    """The message is never completed upstream: the connection is dropped without a final dot,
+    a new one is greeted as the old one was, without a word to the client, and the
+    client's next command is answered by the upstream."""
+    run = play_every_way(
         OPENED
         + lockstep_group(1)
         + [
             (C, b"fine line\r\n"),
             (TO_UPSTREAM, b"fine line"),
-            (C, b"bad\nline\r\n.\r\nNOOP\r\n"),
+            (C, b"\nbad line\r\n.\r\nNOOP\r\n"),
+            (LOG, "transaction", {"outcome": "refused: bare CR, LF or NUL in content", "reply_code": 550}),
+            (TO_CLIENT, REFUSED_550),
+            (LOG, "reconnecting upstream"),
+            (RECONNECTED,),
+            (U, b"220 legacy.test ESMTP again\r\n"),
+            (TO_UPSTREAM, b"EHLO client.test\r\n"),
+            (U, b"250-legacy.test\r\n250 8BITMIME\r\n"),
+            (LOG, "upstream reconnected"),
+            (TO_UPSTREAM, b"NOOP\r\n"),
+            (U, b"250 2.0.0 Ok\r\n"),
+            (TO_CLIENT, b"250 2.0.0 Ok\r\n"),
+        ],
+        REJECT_BARE,
+    )
+    assert run.session.messages == 0 and run.closed is None
+
+
+def test_the_replay_after_a_refused_message_falls_back_to_helo_like_the_first_time():
+    helo_opened = GREETING + [
+        (C, b"EHLO client.test\r\n"),
+        (TO_UPSTREAM, b"EHLO client.test\r\n"),
+        (U, b"502 5.5.2 Error: command not recognized\r\n"),
+        (TO_UPSTREAM, b"HELO client.test\r\n"),
+        (U, b"250 legacy.test\r\n"),
+        (TO_CLIENT, b"250-legacy.test\r\n250 PIPELINING\r\n"),
+    ]
+    play_every_way(
+        helo_opened
+        + lockstep_group(0)
+        + [
+            (C, b"\rbad line\r\n.\r\nRSET\r\n"),
+            (TO_CLIENT, REFUSED_550),
+            (RECONNECTED,),
+            (U, b"220 legacy.test\r\n"),
+            (TO_UPSTREAM, b"EHLO client.test\r\n"),
+            (U, b"502 5.5.2 Error: command not recognized\r\n"),
+            (TO_UPSTREAM, b"HELO client.test\r\n"),
+            (U, b"250 legacy.test\r\n"),
+            (TO_UPSTREAM, b"RSET\r\n"),
+            (U, b"250 Ok\r\n"),
+            (TO_CLIENT, b"250 Ok\r\n"),
+        ],
+        REJECT_BARE,
+    )
+
+
+def test_a_refused_replay_ends_the_session_with_421_for_what_waits():
+    play_every_way(
+        OPENED
+        + lockstep_group(0)
+        + [
+            (C, b"\x00\r\n.\r\nNOOP\r\n"),
+            (TO_CLIENT, REFUSED_550),
+            (RECONNECTED,),
+            (U, b"554 5.7.1 go away\r\n"),
+            (TO_CLIENT, b"421 4.4.2 Upstream server unavailable, closing connection\r\n"),
+            (CLOSED,),
+        ],
+        REJECT_BARE,
+    )
+
+
+def test_an_authenticated_session_is_not_replayed_after_a_refused_message():
+    """pipeproxy keeps no credentials, so it cannot log in again: the session ends."""
+    play(
+        OPENED
+        + [
+            (C, b"AUTH PLAIN AHVzZXIAcGFzcw==\r\n"),
+            (TO_UPSTREAM, b"AUTH PLAIN AHVzZXIAcGFzcw==\r\n"),
+            (U, b"235 2.7.0 Authentication successful\r\n"),
+            (TO_CLIENT, b"235 2.7.0 Authentication successful\r\n"),
+        ]
+        + lockstep_group(0)
+        + [
+            (C, b"\n\r\n.\r\nNOOP\r\n"),
             (
                 TO_CLIENT,
-                b"550 5.6.0 Message refused: bare CR, LF or NUL in content\r\n"
-                b"421 4.4.2 Upstream server unavailable, closing connection\r\n",
+                REFUSED_550 + b"421 4.4.2 Upstream server unavailable, closing connection\r\n",
             ),
             (CLOSED,),
         ],
-        config,
+        REJECT_BARE,
     )
-    assert run.session.messages == 0
 
 
 def test_drain_closes_an_idle_session_with_421_at_once():
     """Stopping: a session between transactions hears 421 4.3.2 and is closed."""
     run = play(OPENED)
-    run.apply(run.session.drain())
+    run.feed(Drain())
     assert run.new_client_bytes() == b"421 4.3.2 Service shutting down, closing connection\r\n"
     assert run.closed is not None and run.closed.clean
 
@@ -572,11 +689,11 @@ def test_drain_closes_an_idle_session_with_421_at_once():
 def test_drain_lets_the_transaction_in_progress_finish_first():
     """Mid-DATA when stopping starts: the message completes, its 250 arrives, then 421."""
     run = play(OPENED + lockstep_group(1) + [(C, b"first half\r\n"), (TO_UPSTREAM, b"first half")])
-    run.apply(run.session.drain())
+    run.feed(Drain())
     assert run.closed is None
-    run.apply(run.session.client_data(b"second half\r\n.\r\nMAIL FROM:<next@client.test>\r\n"))
+    run.feed(ClientData(b"second half\r\n.\r\nMAIL FROM:<next@client.test>\r\n"))
     assert run.new_upstream_bytes() == b"\r\nsecond half\r\n.\r\n"
-    run.apply(run.session.upstream_data(b"250 2.0.0 queued\r\n"))
+    run.feed(UpstreamData(b"250 2.0.0 queued\r\n"))
     assert run.new_client_bytes() == b"250 2.0.0 queued\r\n421 4.3.2 Service shutting down, closing connection\r\n"
     assert run.new_upstream_bytes() == b"", "the next MAIL never goes upstream"
     assert run.closed is not None and run.session.messages == 1
@@ -584,7 +701,7 @@ def test_drain_lets_the_transaction_in_progress_finish_first():
 
 def test_shut_down_after_the_grace_period_abandons_a_message_without_its_final_dot():
     run = play(OPENED + lockstep_group(1) + [(C, b"slow message\r\n"), (TO_UPSTREAM, b"slow message")])
-    run.apply(run.session.drain())
-    run.apply(run.session.shut_down())
+    run.feed(Drain())
+    run.feed(ShutDown())
     assert run.new_client_bytes() == b"421 4.3.2 Service shutting down, closing connection\r\n"
     assert run.new_upstream_bytes() == b"" and run.closed is not None

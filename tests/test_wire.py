@@ -1,4 +1,4 @@
-"""The wire layer: command lines, replies and message re-framing, cut at every point.
+"""The wire layer: command lines, replies and message content, cut at every point.
 
 Properties use hypothesis: whatever bytes a client sends as content, the upstream gets
 canonical CRLF lines, every leading dot stuffed, and exactly one terminator.
@@ -7,13 +7,14 @@ canonical CRLF lines, every leading dot stuffed, and exactly one terminator.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from pipeproxy.core.ehlo import rewrite_ehlo
-from pipeproxy.core.wire import BodyReframer, CommandReader, ProtocolError, Reply, ReplyReader, mailbox
+from pipeproxy.core.wire import ClientError, ClientInput, Reply, ReplyReader, Stuffer, Unstuffer, UpstreamError, mailbox
 
 # Bytes that matter to framing, mixed with ordinary text, so examples hit the edges.
 FRAMING = st.lists(st.sampled_from([b"\r\n", b"\r", b"\n", b".", b"\x00", b"a", b"MAIL FROM:<x@y>", b" "]), max_size=40).map(b"".join)
@@ -24,19 +25,35 @@ def cuts(data: bytes, points: list[int]) -> list[bytes]:
     return [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
 
 
-def reframe(data: bytes, pieces_at: list[int] = (), reject: bool = False) -> tuple[bytes, BodyReframer]:
-    """Feed ``data`` in pieces as the session does; the upstream bytes, and the reframer
-    with ``leftover`` holding everything after the end, later pieces included."""
-    body = BodyReframer(reject_bare=reject)
+@dataclass
+class Reframed:
+    out: bytes  # what the upstream got
+    done: bool  # the client's end of data was seen
+    refused: str | None
+    size: int  # content octets
+    rest: list[bytes | str]  # the command lines after the end (or why one was refused)
+
+
+def reframe(data: bytes, pieces_at: list[int] = (), reject: bool = False) -> Reframed:
+    """Feed ``data`` in pieces as the session does: one client buffer, read as content
+    until its end, then as command lines."""
+    client, unstuffer, stuffer = ClientInput(), Unstuffer(), Stuffer(reject_bare=reject)
     out = b""
-    pieces = cuts(data, list(pieces_at))
-    while pieces and not body.done:
-        out += body.feed(pieces.pop(0))
-    if body.done:
-        body.leftover += b"".join(pieces)
-        if not body.refused:
-            out += body.finish()
-    return out, body
+    for piece in cuts(data, list(pieces_at)):
+        client.feed(piece)
+        if not unstuffer.done:
+            out += stuffer.frame(client.read_content(unstuffer))
+    if unstuffer.done and not stuffer.refused:
+        out += stuffer.finish()
+    rest: list[bytes | str] = []
+    while unstuffer.done:
+        try:
+            if (line := client.next_line()) is None:
+                break
+            rest.append(line)
+        except ClientError as error:
+            rest.append(error.reason)
+    return Reframed(out, unstuffer.done, stuffer.refused, unstuffer.size, rest)
 
 
 def client_stuffed(content: bytes) -> bytes:
@@ -48,16 +65,17 @@ def client_stuffed(content: bytes) -> bytes:
 def test_correct_clients_content_passes_unchanged_whatever_the_cuts(lines, points):
     content = b"".join(line + b"\r\n" for line in lines)
     sent = client_stuffed(content)
-    out, body = reframe(sent + b"NEXT\r\n", points)
-    assert out == sent
-    assert body.leftover == b"NEXT\r\n"
+    body = reframe(sent + b"NEXT\r\n", points)
+    assert body.out == sent
+    assert body.rest == [b"NEXT"]
     assert body.size == len(content)
 
 
 @given(FRAMING, st.lists(st.integers(0, 500)))
 def test_any_content_reaches_the_upstream_as_exactly_one_canonical_message(garbage, points):
     """No bare CR/LF/NUL survives, every dot line is stuffed, one terminator at the end."""
-    out, body = reframe(garbage + b"\r\n.\r\nMAIL FROM:<after@x>\r\n", points)
+    body = reframe(garbage + b"\r\n.\r\nMAIL FROM:<after@x>\r\n", points)
+    out = body.out
     assert body.done
     assert out.endswith(b".\r\n")
     message, terminator = out[:-3], out[-3:]
@@ -66,13 +84,13 @@ def test_any_content_reaches_the_upstream_as_exactly_one_canonical_message(garba
     assert re.search(rb"\r(?!\n)|(?<!\r)\n", out) is None, "bare CR or LF reached the upstream"
     for line in message.split(b"\r\n")[:-1]:
         assert not line.startswith(b".") or line.startswith(b".."), f"unstuffed dot line {line!r}"
-    assert body.leftover.endswith(b"MAIL FROM:<after@x>\r\n")
+    assert body.rest[-1] == b"MAIL FROM:<after@x>"
 
 
 @given(FRAMING, st.lists(st.integers(0, 500)))
 def test_reframing_does_not_depend_on_how_input_is_cut(garbage, points):
     data = garbage + b"\r\n.\r\n"
-    assert reframe(data, points)[0] == reframe(data)[0]
+    assert reframe(data, points).out == reframe(data).out
 
 
 @pytest.mark.parametrize(
@@ -82,36 +100,47 @@ def test_reframing_does_not_depend_on_how_input_is_cut(garbage, points):
 def test_smuggling_terminators_never_end_the_message(variant):
     """SEC Consult 2023 end-of-data variants: content, never an end, in either policy."""
     data = b"first" + variant + b"MAIL FROM:<evil@x>\r\n"
-    out, body = reframe(data)
-    assert not body.done and out.count(b"MAIL FROM") == 1
-    out, body = reframe(data + b".\r\n")
-    assert body.done and out.endswith(b"\r\n.\r\n") and out.count(b"\r\n.\r\n") == 1
-    _, rejecting = reframe(data + b".\r\n", reject=True)
-    assert rejecting.refused
+    body = reframe(data)
+    assert not body.done and body.out.count(b"MAIL FROM") == 1
+    body = reframe(data + b".\r\n")
+    assert body.done and body.out.endswith(b"\r\n.\r\n") and body.out.count(b"\r\n.\r\n") == 1
+    assert reframe(data + b".\r\n", reject=True).refused
 
 
 def test_reject_policy_taints_and_produces_nothing_after_the_bad_byte():
-    body = BodyReframer(reject_bare=True)
-    assert body.feed(b"good\r\n") == b"good"  # its CRLF may yet start the terminator
-    assert body.feed(b"bad\nline\r\n") == b""
-    assert body.feed(b"more\r\n.\r\n") == b""
-    assert body.done and body.refused
+    client, unstuffer, stuffer = ClientInput(), Unstuffer(), Stuffer(reject_bare=True)
+    for piece, upstream in [(b"good\r\n", b"good"), (b"bad\nline\r\n", b""), (b"more\r\n.\r\n", b"")]:
+        client.feed(piece)  # "good"'s CRLF waits: it may yet start the terminator
+        assert stuffer.frame(client.read_content(unstuffer)) == upstream
+    assert unstuffer.done and stuffer.refused
+
+
+def test_the_stuffer_frames_content_cut_anywhere_as_bdat_chunks_would_be():
+    """The framing toward the upstream does not rely on the unstuffer's cuts: a CRLF split
+    between two pieces stays one line break, a dot after it is stuffed."""
+    data = b"a\r\n.b\r\n\r\n.\r\nc"
+    for cut in range(len(data) + 1):
+        stuffer = Stuffer()
+        out = stuffer.frame(data[:cut]) + stuffer.frame(data[cut:]) + stuffer.finish()
+        assert out == b"a\r\n..b\r\n\r\n..\r\nc\r\n.\r\n", cut
+    stuffer = Stuffer()
+    assert stuffer.frame(b"x\r") + stuffer.finish() == b"x\r\n.\r\n", "a last bare CR is a line break"
 
 
 def test_empty_message_and_client_dot_stuffing():
-    assert reframe(b".\r\n")[0] == b".\r\n"
-    assert reframe(b"..\r\n.\r\n")[0] == b"..\r\n.\r\n"
-    assert reframe(b"...x\r\n.\r\n")[0] == b"...x\r\n.\r\n"
+    assert reframe(b".\r\n").out == b".\r\n"
+    assert reframe(b"..\r\n.\r\n").out == b"..\r\n.\r\n"
+    assert reframe(b"...x\r\n.\r\n").out == b"...x\r\n.\r\n"
 
 
-def lines_of(reader: CommandReader, data: bytes, pieces: list[bytes]) -> list:
+def lines_of(reader: ClientInput, data: bytes, pieces: list[bytes]) -> list:
     results = []
     for piece in pieces:
         reader.feed(piece)
         while True:
             try:
                 line = reader.next_line()
-            except ProtocolError as error:
+            except ClientError as error:
                 results.append(error.reason)
                 continue
             if line is None:
@@ -123,20 +152,20 @@ def lines_of(reader: CommandReader, data: bytes, pieces: list[bytes]) -> list:
 @given(st.lists(st.sampled_from([b"NOOP", b"\r\n", b"\n", b"\r", b"x" * 300, b"\x00", b"AUTH PLAIN " + b"A" * 600]), max_size=12).map(b"".join),
        st.lists(st.integers(0, 5000)))
 def test_command_lines_are_the_same_whatever_the_cuts_and_stay_bounded(data, points):
-    whole = lines_of(CommandReader(), data, [data])
-    reader = CommandReader()
+    whole = lines_of(ClientInput(), data, [data])
+    reader = ClientInput()
     assert lines_of(reader, data, cuts(data, points)) == whole
     assert len(reader) <= 12288
 
 
 def test_auth_lines_may_be_longer_than_commands():
-    reader = CommandReader()
-    reader.feed(b"AUTH PLAIN " + b"A" * 2000 + b"\r\n")
-    assert reader.next_line() == b"AUTH PLAIN " + b"A" * 2000
-    reader.feed(b"A" * 2000 + b"\r\n")
-    assert reader.next_line(sasl=True) == b"A" * 2000
-    reader.feed(b"NOOP " + b"A" * 2000 + b"\r\n")
-    with pytest.raises(ProtocolError, match="too long"):
+    reader = ClientInput()
+    reader.feed(b"AUTH PLAIN " + b"A" * 3000 + b"\r\n")
+    assert reader.next_line() == b"AUTH PLAIN " + b"A" * 3000
+    reader.feed(b"A" * 3000 + b"\r\n")
+    assert reader.next_line(sasl=True) == b"A" * 3000
+    reader.feed(b"NOOP " + b"A" * 3000 + b"\r\n")
+    with pytest.raises(ClientError, match="too long"):
         reader.next_line()
 
 
@@ -161,7 +190,7 @@ def test_replies_multiline_and_cut_anywhere(size):
 def test_malformed_replies_are_protocol_errors(data):
     reader = ReplyReader()
     reader.feed(data)
-    with pytest.raises(ProtocolError):
+    with pytest.raises(UpstreamError):
         reader.next_reply()
 
 
@@ -177,3 +206,17 @@ def test_ehlo_rewrite_reports_what_it_removed_and_keeps_a_bare_250():
     assert reply.lines == ("mx", "PIPELINING") and removed == ()
     reply, removed = rewrite_ehlo(Reply(250, ("mx", "STARTTLS", "AUTH PLAIN LOGIN", "Chunking")), frozenset({"AUTH"}))
     assert reply.lines == ("mx", "PIPELINING") and removed == ("STARTTLS", "AUTH", "CHUNKING")
+
+
+@pytest.mark.parametrize("cut", [1, 3, 100])
+def test_upstream_reply_lines_are_kept_octet_for_octet(cut):
+    """Trailing spaces, a bare code, an empty last EHLO line: relayed as sent (only the line
+    end is made CRLF), since clients wait for the exact separator."""
+    data = b"250-mx.test  \r\n250-SIZE 10\n250 \r\n250\r\n"
+    reader = ReplyReader()
+    replies = []
+    for i in range(0, len(data), cut):
+        reader.feed(data[i : i + cut])
+        while (reply := reader.next_reply()) is not None:
+            replies.append(reply)
+    assert [reply.serialise() for reply in replies] == [b"250-mx.test  \r\n250-SIZE 10\r\n250 \r\n", b"250\r\n"]

@@ -1,27 +1,68 @@
-"""Transcripts: drive a Session with bytes, check the exact bytes it sends, no sockets.
+"""Transcripts: drive a Session with events, check what it does in one ordered timeline.
 
-A transcript is a list of steps. ``C`` and ``U`` feed bytes from the client and from the
-upstream; ``TO_CLIENT`` and ``TO_UPSTREAM`` check everything the session sent that way
-since the last check; ``CLIENT_EOF``, ``UPSTREAM_EOF`` and ``TIMEOUT`` feed those events;
-``CLOSED`` checks that the session ended. ``play`` can cut every fed piece of bytes into
-smaller pieces: the checks compare concatenated bytes, so they hold for any cut, while
-``Run.client_writes`` keeps the write boundaries for tests about batching.
+A transcript is a list of steps, in the order things happen (mitmproxy's Playbook):
+
+* inputs: ``C`` and ``U`` feed bytes from the client and from the upstream;
+  ``CLIENT_EOF``, ``UPSTREAM_EOF``, ``TIMEOUT`` (the clock jumps to the session's
+  deadline, then a ``Tick``), ``DRAIN``, ``SHUTDOWN``, ``CLIENT_WRITE_FAILED`` and
+  ``UPSTREAM_FAILED`` feed those events;
+* checks: ``TO_CLIENT`` and ``TO_UPSTREAM`` check the bytes sent that way; ``LOG`` checks a
+  log line by event name and (some of) its fields; ``RECONNECTED`` checks the upstream
+  connection was dropped and a new one opened; ``CLOSED`` checks that the session ended.
+
+Played whole, the checks must match the session's actions in order, across both
+directions, with log lines in their place (logs not named are not checked). ``play`` can
+also cut every fed piece of bytes into smaller pieces; then the checks compare the bytes
+of each direction (the same for any cut) and the log lines in order, while
+``Run.client_writes`` keeps the write boundaries for tests about batching. Every session
+starts with a client connecting and the upstream connection opening at once. Every log
+line must match its entry in the log schema.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from pipeproxy.core.config import Config
-from pipeproxy.core.session import Action, Close, Log, Session, ToClient, ToUpstream
+from pipeproxy.core.actions import Action, Close, ConnectUpstream, DropUpstream, Log, ToClient, ToUpstream
+from pipeproxy.core.config import Address, Config
+from pipeproxy.core.events import (
+    ClientClosed,
+    ClientConnected,
+    ClientData,
+    ClientWriteFailed,
+    Drain,
+    Event,
+    ShutDown,
+    Tick,
+    UpstreamClosed,
+    UpstreamConnected,
+    UpstreamData,
+    UpstreamFailed,
+)
+from pipeproxy.core.logschema import EVENTS
+from pipeproxy.core.session import Session
 
 C, U = "client sends", "upstream sends"
 TO_CLIENT, TO_UPSTREAM = "proxy sent client", "proxy sent upstream"
 CLIENT_EOF, UPSTREAM_EOF, TIMEOUT, CLOSED = "client eof", "upstream eof", "timeout", "closed"
+DRAIN, SHUTDOWN = "drain", "shut down"
+CLIENT_WRITE_FAILED, UPSTREAM_FAILED = "client write failed", "upstream failed"
+LOG, RECONNECTED = "log", "reconnected"
+CLIENT = Address("127.0.0.1", 40000)
 
-Step = tuple[str, bytes] | tuple[str]
+Step = tuple[Any, ...]
 Cutter = Callable[[bytes], list[bytes]]
+_SIMPLE_EVENTS: dict[str, Callable[[], Event]] = {
+    CLIENT_EOF: ClientClosed,
+    UPSTREAM_EOF: UpstreamClosed,
+    DRAIN: Drain,
+    SHUTDOWN: ShutDown,
+    CLIENT_WRITE_FAILED: lambda: ClientWriteFailed("client connection lost"),
+    UPSTREAM_FAILED: lambda: UpstreamFailed("upstream connection reset"),
+}
+_DATA = ("client", "upstream", "close")  # timeline entries checked in order, the rest found
 
 
 class FakeClock:
@@ -36,26 +77,54 @@ class FakeClock:
 class Run:
     session: Session
     clock: FakeClock
+    connect_fails: bool = False
     client_writes: list[bytes] = field(default_factory=list)
     upstream_writes: list[bytes] = field(default_factory=list)
     logs: list[Log] = field(default_factory=list)
     closed: Close | None = None
+    timeline: list[tuple[str, Any]] = field(default_factory=list)
+    _cursor: int = 0  # timeline entries before it are checked (strict mode)
+    _found: set[int] = field(default_factory=set)  # log/reconnect entries checked
     _client_seen: int = 0
     _upstream_seen: int = 0
+    _logs_seen: int = 0
+
+    def feed(self, event: Event) -> None:
+        self.apply(self.session.handle(event))
 
     def apply(self, actions: list[Action]) -> None:
+        connects = 0
         for action in actions:
             assert self.closed is None, f"action {action!r} after close"
             if isinstance(action, ToClient):
-                assert action.data, "empty write to the client"
+                assert action.replies, "empty write to the client"
                 self.client_writes.append(action.data)
+                self.timeline.append(("client", action.data))
             elif isinstance(action, ToUpstream):
                 assert action.data, "empty write to the upstream"
                 self.upstream_writes.append(action.data)
+                self.timeline.append(("upstream", action.data))
             elif isinstance(action, Log):
+                assert action.event in EVENTS, f"log event {action.event!r} is not in the log schema"
+                EVENTS[action.event].check(action.fields)
                 self.logs.append(action)
+                self.timeline.append(("log", action))
+            elif isinstance(action, ConnectUpstream):
+                connects += 1
+                self.timeline.append(("connect", None))
+            elif isinstance(action, DropUpstream):
+                self.timeline.append(("drop", None))
             else:
+                assert isinstance(action, Close)
                 self.closed = action
+                self.timeline.append(("close", action))
+        for _ in range(connects):
+            self.feed(UpstreamFailed("connection refused") if self.connect_fails else UpstreamConnected())
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [log.fields for log in self.logs if log.event == name]
+
+    # -- checks, per direction (any cut) ----------------------------------------------
 
     def new_client_bytes(self) -> bytes:
         data = b"".join(self.client_writes)
@@ -67,8 +136,52 @@ class Run:
         new, self._upstream_seen = data[self._upstream_seen :], len(data)
         return new
 
-    def events(self, name: str) -> list[dict]:
-        return [log.fields for log in self.logs if log.event == name]
+    def find_log(self, name: str, fields: dict[str, Any]) -> None:
+        for index in range(self._logs_seen, len(self.logs)):
+            log = self.logs[index]
+            if log.event == name and fields.items() <= log.fields.items():
+                self._logs_seen = index + 1
+                return
+        raise AssertionError(f"no log {name!r} with {fields} after the last one checked: {self.logs[self._logs_seen:]}")
+
+    # -- checks, in one timeline (whole feeds) -----------------------------------------
+
+    def expect_data(self, kind: str, data: bytes) -> None:
+        if not data:
+            pending = [entry for entry in self.timeline[self._cursor :] if entry[0] == kind]
+            assert not pending, f"unexpected {kind} bytes: {pending}"
+            return
+        got = b""
+        while len(got) < len(data):
+            index = self._next_data()
+            assert index is not None, f"expected {kind} bytes {data!r}, got only {got!r}"
+            entry_kind, payload = self.timeline[index]
+            assert entry_kind == kind, f"expected {kind} bytes {data[len(got):]!r} next, but the {entry_kind} got {payload!r}"
+            got += payload
+            self._cursor = index + 1
+        assert got == data
+
+    def expect_closed(self) -> None:
+        index = self._next_data()
+        assert index is not None and self.timeline[index][0] == "close", "session still open, or more came first"
+        self._cursor = index + 1
+
+    def expect_inline(self, kind: str, match: Callable[[Any], bool], what: str) -> None:
+        """An entry that is not data: found before the next data entry, after the last."""
+        for index in range(self._cursor, len(self.timeline)):
+            entry_kind, payload = self.timeline[index]
+            if entry_kind in _DATA:
+                break
+            if entry_kind == kind and index not in self._found and match(payload):
+                self._found.add(index)
+                return
+        raise AssertionError(f"{what} not found here in the timeline: {self.timeline[self._cursor:]}")
+
+    def _next_data(self) -> int | None:
+        for index in range(self._cursor, len(self.timeline)):
+            if self.timeline[index][0] in _DATA:
+                return index
+        return None
 
 
 def whole(data: bytes) -> list[bytes]:
@@ -79,30 +192,55 @@ def bytewise(data: bytes) -> list[bytes]:
     return [data[i : i + 1] for i in range(len(data))]
 
 
-def play(steps: Sequence[Step], config: Config | None = None, cut: Cutter = whole) -> Run:
+def start(config: Config | None = None, connect_fails: bool = False) -> Run:
+    """A session whose client has just connected (and whose upstream connection opened)."""
     clock = FakeClock()
-    run = Run(Session(config or Config(), clock), clock)
+    run = Run(Session(config or Config(), clock), clock, connect_fails)
+    run.feed(ClientConnected(CLIENT))
+    return run
+
+
+def play(steps: Sequence[Step], config: Config | None = None, cut: Cutter = whole, connect_fails: bool = False) -> Run:
+    run = start(config, connect_fails)
+    strict = cut is whole
     for step in steps:
         kind = step[0]
         if kind == C:
             for piece in cut(step[1]):
-                run.apply(run.session.client_data(piece))
+                run.feed(ClientData(piece))
         elif kind == U:
             for piece in cut(step[1]):
-                run.apply(run.session.upstream_data(piece))
+                run.feed(UpstreamData(piece))
+        elif kind in _SIMPLE_EVENTS:
+            run.feed(_SIMPLE_EVENTS[kind]())
+        elif kind == TIMEOUT:
+            run.clock.now = run.session.deadline
+            run.feed(Tick())
         elif kind == TO_CLIENT:
             assert run.new_client_bytes() == step[1]
+            if strict:
+                run.expect_data("client", step[1])
         elif kind == TO_UPSTREAM:
             assert run.new_upstream_bytes() == step[1]
-        elif kind == CLIENT_EOF:
-            run.apply(run.session.client_closed())
-        elif kind == UPSTREAM_EOF:
-            run.apply(run.session.upstream_closed())
-        elif kind == TIMEOUT:
-            clock.now = run.session.deadline
-            run.apply(run.session.timed_out())
+            if strict:
+                run.expect_data("upstream", step[1])
+        elif kind == LOG:
+            fields = step[2] if len(step) > 2 else {}
+            run.find_log(step[1], fields)
+            if strict:
+                run.expect_inline(
+                    "log", lambda log: log.event == step[1] and fields.items() <= log.fields.items(), f"log {step[1]!r}"
+                )
+        elif kind == RECONNECTED:
+            kinds = [entry[0] for entry in run.timeline]
+            assert "drop" in kinds and "connect" in kinds[kinds.index("drop") :], "no reconnection"
+            if strict:
+                run.expect_inline("drop", lambda _: True, "the upstream connection dropped")
+                run.expect_inline("connect", lambda _: True, "a new upstream connection")
         elif kind == CLOSED:
             assert run.closed is not None, "session still open"
+            if strict:
+                run.expect_closed()
         else:
             raise ValueError(kind)
     # Whatever a transcript does not check must not have been sent.
@@ -123,7 +261,11 @@ def play_split(steps: Sequence[Step], index: int, offset: int, config: Config | 
     """``play`` with the bytes of step ``index`` fed in two pieces, cut at ``offset``."""
     kind, data = steps[index]
     cut_steps = [*steps[:index], (kind, data[:offset]), (kind, data[offset:]), *steps[index + 1 :]]
-    return play(cut_steps, config)
+    return play(cut_steps, config, cut=_already_cut)
+
+
+def _already_cut(data: bytes) -> list[bytes]:
+    return [data]
 
 
 def play_every_way(steps: Sequence[Step], config: Config | None = None) -> Run:

@@ -1,41 +1,178 @@
 """The proxy's state machine for one client and its upstream, with no I/O.
 
-Theory of operation. The shell (proxy.py) feeds in what arrives: ``client_data``,
-``upstream_data``, ``client_closed``, ``upstream_closed``, ``upstream_failed``,
-``timed_out``, and, when pipeproxy stops, ``drain`` and ``shut_down``. Each returns
-the actions to carry out, in order: ``ToClient``, ``ToUpstream``, ``Log`` and, last,
-``Close``. The session keeps one clock (a callable given by the shell) for its deadlines,
-exposed as ``deadline``.
+Theory of operation. The shell turns every I/O outcome into an event (``events.py``)
+and calls ``Session.handle(event)``, which returns the actions to carry out, in order
+(``actions.py``). The session keeps one clock (a callable given by the shell) for its
+deadlines, exposed as ``deadline``; the shell sends ``Tick`` when it passes.
 
-Toward the upstream it is strictly lock-step: at most one command is outstanding, and
+Toward the upstream it is strictly lock-step: at most one exchange is outstanding, and
 nothing is sent before the complete greeting (RFC 2920 §1 on why legacy servers break).
-Client input is held, unparsed, while a reply is outstanding (like h11's PAUSED), and is
-cut into the next command only once that reply is in. Toward the client it is a
-PIPELINING server (RFC 2920 §3.2): replies go out in order; replies to RSET, MAIL and
-RCPT are held and sent together; the reply to any other command, and everything pending
-whenever no complete command waits in the input, is flushed in one write.
+Client input waits, unparsed, in one buffer while a reply is outstanding (like h11's
+PAUSED), and the next command is cut from it only once that reply is in. Toward the
+client it is a PIPELINING server (RFC 2920 §3.2): replies go out in order; replies to
+RSET, MAIL and RCPT are held and sent together; the reply to any other command, and
+everything pending whenever no complete command waits in the input, is flushed in one
+write. Held replies also go out once the upstream has kept pipeproxy waiting longer than
+``hold_time``, so a slow upstream never holds back replies a client is waiting for.
 
-After the upstream's ``354``, client input goes through ``BodyReframer`` to the upstream
-as it arrives, and the terminator is pipeproxy's own. A client that vanishes before its
-terminator never gets its message completed: the upstream is closed without a final dot.
-If the upstream fails, every command still owed a reply gets a ``421`` in order, then
-the session closes: the client never sees a success the upstream did not give.
+What the upstream owes a reply to is an ``Exchange``. ``TRANSITIONS`` below says, for
+each exchange and reply, whether the client sees the reply (as it is, or rewritten) and
+what happens next; pipeproxy's own exchanges (the HELO fallback, the replay after a
+reconnect) are rows like the client's. After DATA's ``354`` client input is content: it
+is unstuffed from the client's framing and stuffed again for the upstream, and the
+terminator is pipeproxy's own. A client that vanishes before its terminator never gets
+its message completed: the upstream is closed without a final dot. If the upstream
+fails, every command still owed a reply gets a ``421`` in order, then the session
+closes: the client never sees a success the upstream did not give.
 """
 
 from __future__ import annotations
 
 import enum
 import re
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import logschema as L
+from .actions import Action, Close, ConnectUpstream, DropUpstream, Log, ToClient, ToUpstream
+from .config import Address, BareLineEndings, Config
 from .ehlo import ehlo_from_helo, rewrite_ehlo
-from .config import BareLineEndings, Config
-from .wire import CRLF, BodyReframer, CommandReader, ProtocolError, Reply, ReplyReader, mailbox, reply
+from .events import (
+    ClientClosed,
+    ClientConnected,
+    ClientData,
+    ClientWriteFailed,
+    Drain,
+    Event,
+    ShutDown,
+    Tick,
+    UpstreamClosed,
+    UpstreamConnected,
+    UpstreamData,
+    UpstreamFailed,
+)
+from .wire import (
+    CRLF,
+    ClientError,
+    ClientInput,
+    Reply,
+    ReplyReader,
+    Stuffer,
+    Unstuffer,
+    UpstreamError,
+    mailbox,
+    reply,
+)
 
-# RFC 2920 §3.1: these may appear anywhere in a group; their replies may be held.
-GROUPABLE = frozenset({"RSET", "MAIL", "RCPT", "SEND", "SOML", "SAML"})
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """Something the upstream owes a reply to."""
+
+    name: str
+    timeout: str  # the Timeouts field that bounds the wait for the reply
+    groupable: bool = False  # RFC 2920 §3.1: its reply may be held for the group
+    proxy: bool = False  # pipeproxy's own command: the client did not send it
+
+
+GREETING = Exchange("greeting", "greeting", proxy=True)
+EHLO = Exchange("EHLO", "command")
+HELO = Exchange("HELO", "command")
+HELO_FALLBACK = Exchange("HELO fallback", "command", proxy=True)
+AUTH = Exchange("AUTH", "command")
+SASL = Exchange("SASL response", "command")  # a client line answering AUTH's 334
+MAIL = Exchange("MAIL", "mail", groupable=True)
+RCPT = Exchange("RCPT", "rcpt", groupable=True)
+RSET = Exchange("RSET", "command", groupable=True)
+LEGACY_FROM = Exchange("SEND/SOML/SAML", "mail", groupable=True)  # RFC 2920 §3.1 lists them
+DATA = Exchange("DATA", "data_init")
+END_OF_DATA = Exchange("end of data", "data_end")
+QUIT = Exchange("QUIT", "command")
+OTHER = Exchange("other command", "command")  # NOOP, VRFY, HELP, unknown verbs: relayed as they are
+# A new upstream connection after pipeproxy had to drop one mid-message: the client has
+# seen a greeting and its EHLO reply already, so these replies are not relayed.
+REPLAY_GREETING = Exchange("greeting (reconnect)", "greeting", proxy=True)
+REPLAY_EHLO = Exchange("EHLO (reconnect)", "command", proxy=True)
+REPLAY_HELO = Exchange("HELO (reconnect)", "command", proxy=True)
+
+REPLAY = (REPLAY_GREETING, REPLAY_EHLO, REPLAY_HELO)
+
+VERBS = {
+    "EHLO": EHLO,
+    "HELO": HELO,
+    "AUTH": AUTH,
+    "MAIL": MAIL,
+    "RCPT": RCPT,
+    "RSET": RSET,
+    "SEND": LEGACY_FROM,
+    "SOML": LEGACY_FROM,
+    "SAML": LEGACY_FROM,
+    "DATA": DATA,
+    "QUIT": QUIT,
+}
+
+
+class Relay(enum.Enum):
+    """What the client sees of an upstream reply."""
+
+    AS_IS = "as is"
+    EHLO_REWRITTEN = "EHLO reply rewritten"  # PIPELINING added, the unrelayable removed
+    HELO_AS_EHLO = "HELO reply as an EHLO reply"
+    NOT_RELAYED = "not relayed"
+
+
+# exchange -> rows of (reply code: exact, "2xx"-style class or "*"; relayed as; then).
+# The first row that matches the reply wins. "then" names the step taken after the reply
+# is relayed: a ``_then_<name>`` method below; None: nothing more. A 421 from the upstream
+# ends the channel whatever was asked (RFC 5321 §3.8): it is relayed and the session
+# closes, answering what is still waiting with 421. Everything that moves the machine on
+# is in this table.
+_ = Relay.AS_IS
+TRANSITIONS: dict[Exchange, tuple[tuple[str, Relay, str | None], ...]] = {
+    GREETING: (("*", _, "greeting"),),
+    EHLO: (
+        ("2xx", Relay.EHLO_REWRITTEN, "greeted"),
+        ("500", Relay.NOT_RELAYED, "helo_fallback"),  # no ESMTP upstream (RFC 5321 §4.1.4)
+        ("502", Relay.NOT_RELAYED, "helo_fallback"),
+        ("*", _, None),
+    ),
+    HELO: (("2xx", _, "greeted"), ("*", _, None)),
+    HELO_FALLBACK: (("2xx", Relay.HELO_AS_EHLO, "greeted"), ("*", _, None)),
+    AUTH: (("334", _, "sasl"), ("2xx", _, "authenticated"), ("*", _, "auth_over")),
+    SASL: (("334", _, "sasl"), ("2xx", _, "authenticated"), ("*", _, "auth_over")),
+    MAIL: (("2xx", _, None), ("*", _, "mail_refused")),
+    RCPT: (("2xx", _, "rcpt_accepted"), ("*", _, "rcpt_refused")),
+    RSET: (("*", _, None),),
+    LEGACY_FROM: (("*", _, None),),
+    DATA: (("354", _, "content"), ("*", _, "data_refused")),
+    END_OF_DATA: (("2xx", _, "delivered"), ("*", _, "not_delivered")),
+    QUIT: (("*", _, "quit"),),
+    OTHER: (("*", _, None),),
+    REPLAY_GREETING: (("2xx", Relay.NOT_RELAYED, "replay_hello"), ("*", Relay.NOT_RELAYED, "replay_failed")),
+    REPLAY_EHLO: (
+        ("2xx", Relay.NOT_RELAYED, "replayed"),
+        ("500", Relay.NOT_RELAYED, "replay_helo"),
+        ("502", Relay.NOT_RELAYED, "replay_helo"),
+        ("*", Relay.NOT_RELAYED, "replay_failed"),
+    ),
+    REPLAY_HELO: (("2xx", Relay.NOT_RELAYED, "replayed"), ("*", Relay.NOT_RELAYED, "replay_failed")),
+}
+del _
+
+
+def transition(exchange: Exchange, code: int) -> tuple[Relay, str | None]:
+    """How the session answers ``code`` to ``exchange``: relayed as what, then what."""
+    if code == 421:
+        return Relay.AS_IS, "upstream_closing"
+    text, klass = str(code), f"{code // 100}xx"
+    for pattern, relay, then in TRANSITIONS[exchange]:
+        if pattern in (text, klass, "*"):
+            return relay, then
+    raise AssertionError(f"no row for {exchange.name} {code}")  # every row list ends with "*"
+
+
 # Never forwarded: the proxy would go blind inside TLS (RFC 3207), or could not frame
 # BDAT chunks (RFC 3030). Neither is advertised, so a client sending them gets 502.
 REFUSED = {
@@ -44,55 +181,31 @@ REFUSED = {
 }
 UNAVAILABLE = reply(421, "4.4.2 Upstream server unavailable, closing connection")
 SHUTTING_DOWN = reply(421, "4.3.2 Service shutting down, closing connection")
+INTERNAL_ERROR = reply(421, "4.3.0 Error: internal error, closing connection")
 TOO_MANY_RECIPIENTS = reply(452, "4.5.3 Error: too many recipients")
-TOO_BIG = Reply(552, ("5.3.4 Message size exceeds fixed maximum message size",))
+TOO_BIG = reply(552, "5.3.4 Message size exceeds fixed maximum message size")
 TOO_BIG_REASON = "message too big"
-BARE_LINE_ENDING = Reply(550, ("5.6.0 Message refused: bare CR, LF or NUL in content",))
+BARE_LINE_ENDING = reply(550, "5.6.0 Message refused: bare CR, LF or NUL in content")
 # RFC 1870 §3: the SIZE parameter of MAIL FROM declares the message size in octets.
-_SIZE_PARAMETER = re.compile(r"\sSIZE=(\d+)", re.IGNORECASE)
-
-
-@dataclass(frozen=True, slots=True)
-class ToClient:
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class ToUpstream:
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Log:
-    level: str
-    event: str
-    fields: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class Close:
-    """End the session: close both connections. The upstream never sees a final dot."""
-
-    reason: str
-    clean: bool  # the client quit or hung up between commands; nothing went wrong
-
-
-Action = ToClient | ToUpstream | Log | Close
+_SIZE_PARAMETER = re.compile(r"\sSIZE=(\d+)", re.IGNORECASE | re.ASCII)
 
 
 class Mode(enum.Enum):
+    """Which reader takes the next client bytes."""
+
     COMMAND = "command"  # the next client line is an SMTP command
     SASL = "sasl"  # the next client line answers an AUTH 334 challenge
-    BODY = "body"  # client input is message content
+    CONTENT = "content"  # client input is message content
     CLOSED = "closed"
 
 
 @dataclass(slots=True)
 class _Outstanding:
-    """The one command sent upstream whose reply has not arrived yet."""
+    """The one exchange whose reply has not arrived yet."""
 
-    verb: str  # "GREETING" for the banner, "." for the end of a message
-    argument: str
+    exchange: Exchange
+    verb: str  # what the debug log calls it
+    argument: bytes  # of the command, for the HELO fallback; never logged
     sent_at: float
     deadline: float
 
@@ -110,105 +223,127 @@ class _Transaction:
     groups: list[int] = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class _Message:
+    """The content of a message on its way: unframed from the client, framed again."""
+
+    unstuffer: Unstuffer
+    stuffer: Stuffer
+    started: float
+    last_data: float
+
+
 class Session:
     def __init__(self, config: Config, clock: Callable[[], float]) -> None:
         self.config = config
         self._clock = clock
         self._debug = config.log_level == "debug"
-        self._commands = CommandReader(config.max_line_length)
+        self._input = ClientInput(config.max_line_length)
         self._replies = ReplyReader(config.max_reply_size)
-        self._body: BodyReframer | None = None
         self._mode = Mode.COMMAND
+        self._message: _Message | None = None
         self._actions: list[Action] = []
-        self._held: list[bytes] = []  # replies not yet sent to the client
+        self._held: list[Reply] = []  # replies not yet sent to the client
+        self._held_since = 0.0
         self._groups = 0  # writes of replies to the client so far
         self._transaction: _Transaction | None = None
+        self._client: Address | None = None
         self._client_eof = False
+        self._client_lost = False  # writing to the client failed: say nothing more
         self._draining = False
+        self._authenticated = False
+        self._upstream_open = False
+        self._hello: tuple[Exchange, bytes] | None = None  # the client's accepted EHLO/HELO
         self._client_wait_since: float | None = None
-        self._body_started = self._body_last = 0.0
-        self._body_received = 0  # client octets since 354, for the minimum data rate
-        now = clock()
-        self._outstanding: _Outstanding | None = _Outstanding("GREETING", "", now, now + config.timeouts.greeting)
+        self._started = clock()
+        self._outstanding: _Outstanding | None = None
         self.commands = 0  # command lines received from the client
         self.messages = 0  # messages the upstream accepted
 
-    # -- inputs ----------------------------------------------------------------------
+    # -- the one entry point -----------------------------------------------------------
 
-    def client_data(self, data: bytes) -> list[Action]:
-        if self._mode is Mode.BODY:
-            self._stream_body(data)
-        elif self._mode is not Mode.CLOSED:
-            self._commands.feed(data)
-        self._advance()
-        return self._take_actions()
+    def handle(self, event: Event) -> list[Action]:
+        """Take one event; return the actions to carry out, in order."""
+        try:
+            self._handle(event)
+        except Exception:
+            self._crash(traceback.format_exc())
+        actions, self._actions = self._actions, []
+        return actions
 
-    def upstream_data(self, data: bytes) -> list[Action]:
-        if self._mode is not Mode.CLOSED:
-            self._replies.feed(data)
-            self._advance()
-        return self._take_actions()
-
-    def client_closed(self) -> list[Action]:
-        """The client sent EOF: commands already complete still run, then we close."""
-        self._client_eof = True
-        if self._mode is Mode.BODY:
-            self._abort_body("client closed the connection before the end of the message")
-        self._advance()
-        return self._take_actions()
-
-    def upstream_closed(self) -> list[Action]:
-        if self._mode is not Mode.CLOSED:
-            self._fail(reply(421, "4.4.2 Upstream server closed the connection"), "upstream closed the connection")
-        return self._take_actions()
-
-    def upstream_failed(self, reason: str) -> list[Action]:
-        """The upstream could not be reached, or its connection broke."""
-        if self._mode is not Mode.CLOSED:
-            self._fail(UNAVAILABLE, reason)
-        return self._take_actions()
-
-    def drain(self) -> list[Action]:
-        """pipeproxy is stopping: the transaction in progress may finish; then 421, close."""
-        self._draining = True
-        self._advance()
-        return self._take_actions()
-
-    def shut_down(self) -> list[Action]:
-        """The grace period is over: 421 now, whatever is in progress (no final dot)."""
-        if self._mode is not Mode.CLOSED:
-            if self._mode is Mode.BODY:
-                self._log("warning", "message abandoned, upstream closed without final dot", reason="shutdown")
-            self._fail(SHUTTING_DOWN, "pipeproxy shut down")
-        return self._take_actions()
-
-    def timed_out(self) -> list[Action]:
-        """``deadline`` passed with nothing arriving that moved the session on."""
+    def _handle(self, event: Event) -> None:
         if self._mode is Mode.CLOSED:
-            pass
-        elif self._outstanding is not None:
-            verb = self._outstanding.verb
-            self._fail(reply(421, "4.4.2 Upstream server timed out, closing connection"), f"upstream timed out ({verb})")
-        elif self._mode is Mode.BODY:
-            self._abort_body("timed out waiting for message content")
-        else:
-            self._hold(reply(421, "4.4.2 Error: timeout exceeded, closing connection"))
-            self._close("client idle timeout")
-        return self._take_actions()
+            return
+        match event:
+            case ClientData(data):
+                self._input.feed(data)
+                if self._message is not None:
+                    self._message.last_data = self._clock()
+                self._advance()
+            case UpstreamData(data):
+                self._replies.feed(data)
+                self._advance()
+            case ClientClosed():
+                self._client_eof = True
+                self._advance()
+            case ClientConnected(client):
+                self._client = client
+                self._log(L.SESSION_OPEN)
+                self._connect_upstream(GREETING)
+            case UpstreamConnected():
+                self._upstream_open = True  # the greeting is awaited already
+            case UpstreamClosed():
+                self._fail(reply(421, "4.4.2 Upstream server closed the connection"), "upstream closed the connection")
+            case UpstreamFailed(reason):
+                if not self._upstream_open:
+                    self._log(L.UPSTREAM_UNREACHABLE, error=reason)
+                self._fail(UNAVAILABLE, reason)
+            case ClientWriteFailed(reason):
+                self._client_lost = True
+                self._held.clear()
+                self._abandon_message(reason)
+                self._end_transaction(None, reason)
+                self._close(reason)
+            case Tick():
+                self._tick()
+            case Drain():
+                self._draining = True
+                self._advance()
+            case ShutDown():
+                self._abandon_message("shutdown")
+                self._fail(SHUTTING_DOWN, "pipeproxy shut down", owed=SHUTTING_DOWN)
+
+    def _crash(self, trace: str) -> None:
+        """A bug: say so in the log, and end the session with a 421, never a silent EOF."""
+        self._emit(Log("error", L.INTERNAL_ERROR.name, {"exception": trace}))
+        if self._mode is Mode.CLOSED:
+            return
+        self._mode = Mode.CLOSED
+        if not self._client_lost:
+            self._emit(ToClient((*self._held, INTERNAL_ERROR)))
+        self._held.clear()
+        self._emit_closed("internal error", clean=False)
 
     # -- what the shell asks ---------------------------------------------------------
 
     @property
     def deadline(self) -> float:
-        """When ``timed_out`` is due, on the session's clock."""
+        """When a ``Tick`` is due, on the session's clock."""
+        deadline = self._deadline()
+        if self._held and self._mode is not Mode.CLOSED:
+            deadline = min(deadline, self._held_since + self.config.hold_time)
+        return deadline
+
+    def _deadline(self) -> float:
         if self._outstanding is not None:
             return self._outstanding.deadline
-        if self._mode is Mode.BODY:
+        if self._message is not None:
             # RFC 5321 §4.5.3.2.5 per block, and a minimum rate over the whole message.
-            deadline = self._body_last + self.config.timeouts.data_block
+            data_block = self.config.timeouts.data_block
+            deadline = self._message.last_data + data_block
             if self.config.min_data_rate:
-                allowance = self._body_received / self.config.min_data_rate
-                deadline = min(deadline, self._body_started + self.config.timeouts.data_block + allowance)
+                allowance = self._message.unstuffer.size / self.config.min_data_rate
+                deadline = min(deadline, self._message.started + data_block + allowance)
             return deadline
         if self._client_wait_since is not None:
             return self._client_wait_since + self.config.timeouts.client_idle
@@ -218,16 +353,17 @@ class Session:
         """How many more client bytes may be held; at 0 the shell stops reading."""
         if self._mode is Mode.CLOSED:
             return 0
-        return max(0, self.config.max_pipeline_bytes - len(self._commands))
+        return max(0, self.config.max_pipeline_bytes - len(self._input))
 
     # -- the machine -----------------------------------------------------------------
 
     def _advance(self) -> None:
-        """Run as far as the input allows, one upstream command at a time."""
+        """Run as far as the input allows, one upstream exchange at a time."""
         while self._mode is not Mode.CLOSED:
             try:
                 upstream_reply = self._replies.next_reply()
-            except ProtocolError as error:
+            except UpstreamError as error:
+                self._abandon_message(f"upstream sent bad reply: {error.reason}")
                 self._fail(error.reply, f"upstream sent bad reply: {error.reason}")
                 return
             if upstream_reply is not None:
@@ -236,14 +372,19 @@ class Session:
                     return
                 self._on_reply(upstream_reply)
                 continue
-            if self._outstanding is not None or self._mode is Mode.BODY:
+            if self._outstanding is not None:
                 return
+            if self._mode is Mode.CONTENT:
+                self._read_content()
+                if self._mode is Mode.CONTENT:
+                    return
+                continue
             if self._draining and self._transaction is None and self._mode is Mode.COMMAND:
-                self._fail(SHUTTING_DOWN, "pipeproxy draining", in_flight=False, clean=True)
+                self._fail(SHUTTING_DOWN, "pipeproxy draining", in_flight=False, clean=True, owed=SHUTTING_DOWN)
                 return
             try:
-                line = self._commands.next_line(sasl=self._mode is Mode.SASL)
-            except ProtocolError as error:
+                line = self._input.next_line(sasl=self._mode is Mode.SASL)
+            except ClientError as error:
                 self.commands += 1
                 self._refuse("", error.reply, error.reason)
                 continue
@@ -260,178 +401,248 @@ class Session:
     def _on_line(self, line: bytes) -> None:
         if self._mode is Mode.SASL:
             # A SASL response, not a command: relayed, never logged (RFC 4954 §4).
-            self._send_command("AUTH", "", line)
+            self._send(SASL, b"", line)
             return
         self.commands += 1
-        text = line.decode("utf-8", "surrogateescape")
-        verb, _, argument = text.partition(" ")
-        verb = verb.upper()
+        verb_octets, _, argument = line.partition(b" ")
+        verb = verb_octets.decode("ascii", "replace").upper()
         if verb in REFUSED:
             self._refuse(verb, REFUSED[verb], "not relayable")
             return
+        exchange = VERBS.get(verb, OTHER)
         transaction = self._transaction
-        if verb == "MAIL":
+        if exchange is MAIL:
             self._end_transaction(None, "new MAIL command")
-            declared = _SIZE_PARAMETER.search(argument)
+            text = argument.decode("utf-8", "surrogateescape")
+            declared = _SIZE_PARAMETER.search(text)
             if self.config.max_message_size and declared and int(declared[1]) > self.config.max_message_size:
-                self._refuse(verb, TOO_BIG.serialise(), "declared SIZE over the limit")
+                self._refuse(verb, TOO_BIG, "declared SIZE over the limit")
                 return
-            self._transaction = _Transaction(sender=mailbox(argument))
-        elif verb == "RCPT" and transaction is not None:
+            self._transaction = _Transaction(sender=mailbox(text))
+        elif exchange is RCPT and transaction is not None:
             if transaction.recipients >= self.config.max_recipients:
                 self._refuse(verb, TOO_MANY_RECIPIENTS, "too many recipients")
                 return
             transaction.recipients += 1
-        elif verb in ("RSET", "HELO", "EHLO", "QUIT"):
+        elif exchange in (RSET, HELO, EHLO, QUIT):
             self._end_transaction(None, f"{verb} command")
-        self._send_command(verb, argument, line)
+        self._send(exchange, argument, line, verb)
 
-    def _refuse(self, verb: str, answer: bytes, reason: str) -> None:
+    def _refuse(self, verb: str, answer: Reply, reason: str) -> None:
         """Answer a command here, never forwarding it, and say why in the log."""
-        self._log("info", "command refused", verb=verb or None, reason=reason)
-        self._answer(answer, verb)
+        self._log(L.COMMAND_REFUSED, verb=verb or None, reason=reason)
+        self._answer(answer, groupable=VERBS.get(verb, OTHER).groupable)
 
-    def _send_command(self, verb: str, argument: str, line: bytes) -> None:
-        now = self._clock()
-        self._outstanding = _Outstanding(verb, argument, now, now + self._timeout_for(verb))
+    def _send(self, exchange: Exchange, argument: bytes, line: bytes, verb: str = "") -> None:
+        self._expect(exchange, argument, verb)
         self._emit(ToUpstream(line + CRLF))
 
-    def _timeout_for(self, verb: str) -> float:
-        timeouts = self.config.timeouts
-        if verb == "RCPT":
-            return timeouts.rcpt
-        if verb == "MAIL":
-            return timeouts.mail
-        if verb == "DATA":
-            return timeouts.data_init
-        return timeouts.command
+    def _expect(self, exchange: Exchange, argument: bytes = b"", verb: str = "") -> None:
+        now = self._clock()
+        timeout: float = getattr(self.config.timeouts, exchange.timeout)
+        self._outstanding = _Outstanding(exchange, verb or exchange.name, argument, now, now + timeout)
 
     def _on_reply(self, upstream_reply: Reply) -> None:
         pending = self._outstanding
         assert pending is not None
         self._outstanding = None
+        exchange = pending.exchange
         waited = self._clock() - pending.sent_at
-        verb, code = pending.verb, upstream_reply.code
-        transaction = self._transaction
-        if transaction is not None:
-            transaction.upstream_wait += waited
-        if self._debug and verb != "GREETING":
+        if self._transaction is not None:
+            self._transaction.upstream_wait += waited
+        if self._debug and not exchange.proxy:
             # The group is the client write that will carry this reply.
-            self._log("debug", "command", verb=verb, code=code, upstream_wait=round(waited, 6), group=self._groups + 1)
-
-        outcome = None  # set when this reply ends the mail transaction
-        if verb == "GREETING":
-            self._log("info", "upstream greeting", code=code)
-        elif verb == "EHLO" and code in (500, 502):
-            # No ESMTP upstream (RFC 5321 §4.1.4): fall back to HELO, still answer EHLO.
-            self._log("info", "upstream has no EHLO, falling back to HELO", code=code)
-            self._send_command("HELO-FALLBACK", pending.argument, f"HELO {pending.argument}".rstrip().encode())
-            return
-        elif verb == "HELO-FALLBACK" and code == 250:
-            upstream_reply = ehlo_from_helo(upstream_reply)
-        elif verb == "EHLO" and code == 250:
-            upstream_reply, dropped = rewrite_ehlo(
+            self._log(
+                L.COMMAND, verb=pending.verb, code=upstream_reply.code, upstream_wait=round(waited, 6),
+                group=self._groups + 1,
+            )
+        relay, then = transition(exchange, upstream_reply.code)
+        if relay is Relay.EHLO_REWRITTEN:
+            upstream_reply, removed = rewrite_ehlo(
                 upstream_reply, self.config.discard_ehlo_keywords, self.config.max_message_size
             )
-            self._log("info", "ehlo rewritten", removed=list(dropped))
-        elif verb == "AUTH" and code == 334:
-            self._mode = Mode.SASL
-        elif verb == "AUTH":
-            self._mode = Mode.COMMAND
-        elif transaction is not None and verb == "MAIL" and code >= 400:
-            outcome = "MAIL refused"
-        elif transaction is not None and verb == "RCPT":
-            if code < 400:
-                transaction.accepted += 1
-            else:
-                transaction.rejected += 1
-        elif verb == "DATA" and code == 354:
-            self._hold(upstream_reply.serialise())
-            self._flush()
-            self._start_body()
-            return
-        elif verb == "DATA":
-            outcome = "DATA refused"
-        elif verb == ".":
-            self.messages += code < 400
-            outcome = "message accepted" if code < 400 else "message refused"
+            self._log(L.EHLO_REWRITTEN, removed=list(removed))
+        elif relay is Relay.HELO_AS_EHLO:
+            upstream_reply = ehlo_from_helo(upstream_reply)
+        if relay is not Relay.NOT_RELAYED:
+            # A 421 is held: the 421s for what is still waiting join it in one write.
+            self._answer(upstream_reply, groupable=exchange.groupable or then == "upstream_closing")
+        if then is not None:
+            step: Callable[[_Outstanding, Reply], None] = getattr(self, f"_then_{then}")
+            step(pending, upstream_reply)
 
-        if code == 421:
-            # The upstream is closing the channel (RFC 5321 §3.8): what is still queued
-            # cannot be answered by it.
-            self._hold(upstream_reply.serialise())
-            self._fail(None, f"upstream answered {verb} with 421")
-        elif verb == "QUIT":
-            self._hold(upstream_reply.serialise())
-            self._close("client quit", clean=True)
+    # -- the steps named in TRANSITIONS ---------------------------------------------------
+
+    def _then_greeting(self, pending: _Outstanding, upstream_reply: Reply) -> None:
+        self._log(L.UPSTREAM_GREETING, code=upstream_reply.code)
+
+    def _then_greeted(self, pending: _Outstanding, upstream_reply: Reply) -> None:
+        hello = EHLO if pending.exchange in (EHLO, HELO_FALLBACK) else HELO
+        self._hello = (hello, pending.argument)
+
+    def _then_helo_fallback(self, pending: _Outstanding, upstream_reply: Reply) -> None:
+        self._log(L.HELO_FALLBACK, code=upstream_reply.code)
+        self._send(HELO_FALLBACK, pending.argument, _hello_line(b"HELO", pending.argument))
+
+    def _then_sasl(self, pending: _Outstanding, upstream_reply: Reply) -> None:
+        self._mode = Mode.SASL
+
+    def _then_authenticated(self, pending: _Outstanding, upstream_reply: Reply) -> None:
+        self._authenticated = True
+        self._mode = Mode.COMMAND
+
+    def _then_auth_over(self, pending: _Outstanding, upstream_reply: Reply) -> None:
+        self._mode = Mode.COMMAND
+
+    def _then_mail_refused(self, pending: _Outstanding, upstream_reply: Reply) -> None:
+        self._end_transaction(upstream_reply, "MAIL refused")
+
+    def _then_rcpt_accepted(self, pending: _Outstanding, upstream_reply: Reply) -> None:
+        if self._transaction is not None:
+            self._transaction.accepted += 1
+
+    def _then_rcpt_refused(self, pending: _Outstanding, upstream_reply: Reply) -> None:
+        if self._transaction is not None:
+            self._transaction.rejected += 1
+
+    def _then_content(self, pending: _Outstanding, upstream_reply: Reply) -> None:
+        now = self._clock()
+        reject = self.config.bare_line_endings is BareLineEndings.REJECT
+        self._message = _Message(Unstuffer(), Stuffer(reject_bare=reject), started=now, last_data=now)
+        self._mode = Mode.CONTENT
+
+    def _then_data_refused(self, pending: _Outstanding, upstream_reply: Reply) -> None:
+        self._end_transaction(upstream_reply, "DATA refused")
+
+    def _then_delivered(self, pending: _Outstanding, upstream_reply: Reply) -> None:
+        self.messages += 1
+        self._end_transaction(upstream_reply, "message accepted")
+
+    def _then_not_delivered(self, pending: _Outstanding, upstream_reply: Reply) -> None:
+        self._end_transaction(upstream_reply, "message refused")
+
+    def _then_quit(self, pending: _Outstanding, upstream_reply: Reply) -> None:
+        self._close("client quit", clean=True)
+
+    def _then_upstream_closing(self, pending: _Outstanding, upstream_reply: Reply) -> None:
+        # The upstream is closing the channel (RFC 5321 §3.8): what is still queued
+        # cannot be answered by it.
+        self._fail(None, f"upstream answered {pending.exchange.name} with 421")
+
+    def _then_replay_hello(self, pending: _Outstanding, upstream_reply: Reply) -> None:
+        assert self._hello is not None
+        exchange, argument = self._hello
+        if exchange is EHLO:
+            self._send(REPLAY_EHLO, argument, _hello_line(b"EHLO", argument))
         else:
-            self._answer(upstream_reply.serialise(), verb)
-        if outcome:
-            self._end_transaction(upstream_reply, outcome)
+            self._send(REPLAY_HELO, argument, _hello_line(b"HELO", argument))
+
+    def _then_replay_helo(self, pending: _Outstanding, upstream_reply: Reply) -> None:
+        self._send(REPLAY_HELO, pending.argument, _hello_line(b"HELO", pending.argument))
+
+    def _then_replayed(self, pending: _Outstanding, upstream_reply: Reply) -> None:
+        self._log(L.UPSTREAM_RECONNECTED)
+
+    def _then_replay_failed(self, pending: _Outstanding, upstream_reply: Reply) -> None:
+        reason = f"upstream refused the reconnection ({pending.exchange.name} {upstream_reply.code})"
+        self._fail(UNAVAILABLE, reason, in_flight=False)
 
     def _unsolicited(self, upstream_reply: Reply) -> None:
         """A reply to nothing: a 421 shutdown notice (RFC 5321 §3.8) or a broken peer."""
+        self._abandon_message("upstream replied during the message")
         if upstream_reply.code == 421:
-            self._hold(upstream_reply.serialise())  # after what is held: one write
+            self._hold(upstream_reply)  # after what is held: one write
             self._fail(None, "upstream sent 421 unprompted")
         else:
             self._fail(reply(421, "4.4.2 Upstream server broke the protocol, closing connection"), "unsolicited reply")
 
     # -- message content -------------------------------------------------------------
 
-    def _start_body(self) -> None:
-        self._mode = Mode.BODY
-        self._body_started = self._clock()
-        self._body_received = 0
-        self._body = BodyReframer(reject_bare=self.config.bare_line_endings is BareLineEndings.REJECT)
-        self._stream_body(self._commands.take_rest())
-        if self._client_eof and self._mode is Mode.BODY:
-            self._abort_body("client closed the connection before the end of the message")
-
-    def _stream_body(self, data: bytes) -> None:
-        body = self._body
-        assert body is not None
-        self._body_last = self._clock()
-        self._body_received += len(data)
-        if not data:
+    def _read_content(self) -> None:
+        message = self._message
+        assert message is not None
+        content = self._input.read_content(message.unstuffer)
+        if content:
+            if self.config.max_message_size and message.unstuffer.size > self.config.max_message_size:
+                message.stuffer.refuse(TOO_BIG_REASON)
+            if framed := message.stuffer.frame(content):
+                self._emit(ToUpstream(framed))
+        if not message.unstuffer.done:
+            if self._client_eof:
+                self._abandon_message("client closed the connection before the end of the message")
+                self._fail(reply(421, "4.4.2 Error: message not completed, closing connection"), "client closed the connection before the end of the message")
             return
-        out = body.feed(data)
-        if self.config.max_message_size and body.size > self.config.max_message_size:
-            body.refuse(TOO_BIG_REASON)
-        elif out:
-            self._emit(ToUpstream(out))
-        if not body.done:
-            return
+        self._message = None
         self._mode = Mode.COMMAND
-        self._body = None
         if self._transaction is not None:
-            self._transaction.size = body.size
-        self._commands.feed(body.leftover)
-        if body.refused:
-            # Part of the message is upstream already; only dropping the connection
-            # without a final dot keeps it from being delivered.
-            refusal = TOO_BIG if body.refused == TOO_BIG_REASON else BARE_LINE_ENDING
-            self._end_transaction(refusal, f"refused: {body.refused}")
-            self._fail(refusal.serialise(), f"message refused: {body.refused}")
+            self._transaction.size = message.unstuffer.size
+        end = b"" if message.stuffer.refused else message.stuffer.finish()
+        if message.stuffer.refused:
+            self._refuse_message(message.stuffer.refused)
             return
-        now = self._clock()
-        self._outstanding = _Outstanding(".", "", now, now + self.config.timeouts.data_end)
-        self._emit(ToUpstream(body.finish()))
+        self._expect(END_OF_DATA)
+        self._emit(ToUpstream(end))
 
-    def _abort_body(self, reason: str) -> None:
-        self._log("warning", "message abandoned, upstream closed without final dot", reason=reason)
-        self._end_transaction(None, reason)
-        self._fail(reply(421, "4.4.2 Error: message not completed, closing connection"), reason)
+    def _refuse_message(self, reason: str) -> None:
+        """pipeproxy refuses a message part of which is upstream already.
+
+        Only dropping the upstream connection without a final dot keeps it from being
+        delivered. The client's session goes on over a new upstream connection, greeted
+        as the old one was; an authenticated session cannot be replayed (pipeproxy keeps
+        no credentials), so it ends.
+        """
+        refusal = TOO_BIG if reason == TOO_BIG_REASON else BARE_LINE_ENDING
+        self._end_transaction(refusal, f"refused: {reason}")
+        if self._authenticated or self._hello is None:
+            self._fail(refusal, f"message refused: {reason}")
+            return
+        self._answer(refusal, groupable=False)
+        self._log(L.UPSTREAM_RECONNECTING, reason=f"message refused: {reason}")
+        self._emit(DropUpstream())
+        self._replies.clear()
+        self._connect_upstream(REPLAY_GREETING)
+
+    def _connect_upstream(self, greeting: Exchange) -> None:
+        self._upstream_open = False
+        self._expect(greeting)
+        self._emit(ConnectUpstream())
+
+    def _abandon_message(self, reason: str) -> None:
+        """Say so if a message on its way will not be completed (no final dot)."""
+        if self._message is not None:
+            self._message = None
+            self._log(L.MESSAGE_ABANDONED, reason=reason)
+
+    # -- deadlines ---------------------------------------------------------------------
+
+    def _tick(self) -> None:
+        now = self._clock()
+        if self._held and now >= self._held_since + self.config.hold_time:
+            self._flush()
+        if now < self._deadline():
+            return
+        if self._outstanding is not None:
+            name = self._outstanding.exchange.name
+            self._abandon_message(f"upstream timed out ({name})")
+            self._fail(reply(421, "4.4.2 Upstream server timed out, closing connection"), f"upstream timed out ({name})")
+        elif self._message is not None:
+            self._abandon_message("timed out waiting for message content")
+            self._fail(reply(421, "4.4.2 Error: message not completed, closing connection"), "timed out waiting for message content")
+        elif self._client_wait_since is not None:
+            self._hold(reply(421, "4.4.2 Error: timeout exceeded, closing connection"))
+            self._close("client idle timeout")
 
     # -- output ----------------------------------------------------------------------
 
-    def _hold(self, data: bytes) -> None:
-        self._held.append(data)
+    def _hold(self, answer: Reply) -> None:
+        if not self._held:
+            self._held_since = self._clock()
+        self._held.append(answer)
 
-    def _answer(self, data: bytes, verb: str) -> None:
-        """Hold the reply to ``verb``; send the group unless more of it may follow."""
-        self._hold(data)
-        if verb not in GROUPABLE or not self._commands.has_line():
+    def _answer(self, answer: Reply, groupable: bool) -> None:
+        """Hold a reply; send the group unless more of it may follow (RFC 2920 §3.2)."""
+        self._hold(answer)
+        if not groupable or not self._input.has_line():
             self._flush()
 
     def _flush(self) -> None:
@@ -441,30 +652,57 @@ class Session:
         self._groups += 1
         if self._transaction is not None:
             self._transaction.groups.append(len(self._held))
-        self._emit(ToClient(b"".join(self._held)))
+        self._emit(ToClient(tuple(self._held)))
         self._held.clear()
 
-    def _fail(self, notice: bytes | None, reason: str, in_flight: bool = True, clean: bool = False) -> None:
+    def _fail(
+        self,
+        notice: Reply | None,
+        reason: str,
+        in_flight: bool | None = None,
+        clean: bool = False,
+        owed: Reply = UNAVAILABLE,
+    ) -> None:
         """Answer every command still owed a reply, in order, then close.
 
-        ``notice`` answers the command in flight (the greeting, a command, a message),
+        ``notice`` answers the exchange in flight (the greeting, a command, a message),
         or, with ``in_flight`` false, the oldest command waiting in the input, or stands
         alone as the closing notice of RFC 5321 §3.8; every other complete command still
-        waiting in the input then gets a 421 of its own.
+        waiting in the input then gets ``owed``. By default something is in flight
+        unless the upstream is being greeted again, which no client command waits for.
         """
-        owed = self._commands.count_lines()
+        if in_flight is None:
+            in_flight = self._outstanding is None or self._outstanding.exchange not in REPLAY
+        # Mid-message the input is content (an undecided tail of it), not commands.
+        lines = 0 if self._mode is Mode.CONTENT else self._input.count_lines()
         if notice is not None:
             self._hold(notice)
-            owed -= 0 if in_flight or not owed else 1
-        for _ in range(owed):
-            self._hold(UNAVAILABLE)
+            lines -= 0 if in_flight or not lines else 1
+        for _ in range(lines):
+            self._hold(owed)
         self._outstanding = None
         self._end_transaction(None, reason)
         self._close(reason, clean)
 
     def _close(self, reason: str, clean: bool = False) -> None:
-        self._flush()
+        if not self._client_lost:
+            self._flush()
         self._mode = Mode.CLOSED
+        self._emit_closed(reason, clean)
+
+    def _emit_closed(self, reason: str, clean: bool) -> None:
+        self._emit(
+            Log(
+                "info" if clean else "warning",
+                L.SESSION_CLOSED.name,
+                {
+                    "reason": reason,
+                    "duration": round(self._clock() - self._started, 6),
+                    "commands": self.commands,
+                    "messages": self.messages,
+                },
+            )
+        )
         self._emit(Close(reason, clean))
 
     def _end_transaction(self, final: Reply | None, outcome: str) -> None:
@@ -473,8 +711,7 @@ class Session:
             return
         self._transaction = None
         self._log(
-            "info",
-            "transaction",
+            L.TRANSACTION,
             sender=transaction.sender,
             recipients_accepted=transaction.accepted,
             recipients_rejected=transaction.rejected,
@@ -487,13 +724,13 @@ class Session:
             groups=transaction.groups + ([len(self._held)] if self._held else []),
         )
 
-    def _log(self, level: str, event: str, **fields: Any) -> None:
-        self._emit(Log(level, event, fields))
+    def _log(self, event: L.LogEvent, **fields: Any) -> None:
+        self._emit(Log(event.level, event.name, fields))
 
     def _emit(self, action: Action) -> None:
         self._actions.append(action)
 
-    def _take_actions(self) -> list[Action]:
-        actions, self._actions = self._actions, []
-        return actions
 
+def _hello_line(verb: bytes, argument: bytes) -> bytes:
+    """A HELO or EHLO line of pipeproxy's own, with the client's argument as it sent it."""
+    return verb + b" " + argument if argument else verb

@@ -1,27 +1,33 @@
-"""Bytes to SMTP lines and replies, and message bodies re-framed for the upstream.
+"""Bytes to SMTP lines and replies, and message content framed and unframed.
 
-Theory of operation: nothing here does I/O. Each reader keeps a bounded buffer, is fed
-with ``feed(bytes)`` and asked for the next complete item, which is either returned,
-``None`` ("need more data"), or a ``ProtocolError`` carrying the reply to send.
+Theory of operation: nothing here does I/O. Each side has one receive buffer:
 
-* ``CommandReader`` cuts client input into command lines. Only CRLF ends a line; a line
-  carrying a bare CR, a bare LF or a NUL is refused whole, because a lenient upstream
-  would read such a line as two commands (RFC 5321 §2.3.8). An overlong line is
-  discarded up to its end and reported once, so the session can go on (§4.5.3.1.4).
+* ``ClientInput`` holds everything the client sent that is not consumed yet. The session
+  chooses the reader by its state (like h11's ``READERS``): ``next_line`` for a command
+  or a SASL line, ``read_content`` with an ``Unstuffer`` while a message is coming. Bytes
+  after the end of a message simply stay in the buffer for the next reader: nothing is
+  handed from one reader to another.
 * ``ReplyReader`` cuts upstream output into complete, possibly multi-line, replies
-  (§4.2.1). It tolerates bare LF line ends, since the replies are re-serialised with CRLF.
-* ``BodyReframer`` turns what the client sends after ``354`` into what the upstream
-  receives: the client's framing is undone (its line ``.`` is the only end, §4.5.2), and
-  pipeproxy frames the content again itself, so the upstream sees canonical CRLF lines,
-  every leading dot stuffed, and exactly one terminator that pipeproxy wrote. No bare
-  CR/LF/NUL sequence the client sends can end the message early (SMTP smuggling,
-  CVE-2023-51764..51766).
+  (RFC 5321 §4.2.1), keeping each line's octets as they came (only the line end is made
+  CRLF), so a relayed reply is the upstream's, trailing spaces and all.
+
+Message content is unframed and framed by two separate pieces, so that a later BDAT to
+DATA translation can reuse the framing toward the upstream:
+
+* ``Unstuffer`` undoes the client's DATA framing: its line ``.`` is the only end, and
+  its stuffed dots are removed (RFC 5321 §4.5.2).
+* ``Stuffer`` frames content for the upstream: canonical CRLF lines, every leading dot
+  stuffed, and one terminator that pipeproxy writes. No bare CR/LF/NUL the client sends
+  can end the message early (SMTP smuggling, CVE-2023-51764..51766).
+
+Errors say which side broke the protocol: ``ClientError`` (the client gets its reply and
+the session goes on) and ``UpstreamError`` (the upstream cannot be trusted any more).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 CRLF = b"\r\n"
 
@@ -36,37 +42,55 @@ MAX_AUTH_LINE = 12288
 DEFAULT_MAX_REPLY_SIZE = 16 * 1024
 
 
-class ProtocolError(Exception):
-    """A peer broke the protocol; ``reply`` is what the client should be told."""
-
-    def __init__(self, reply: bytes, reason: str) -> None:
-        super().__init__(reason)
-        self.reply = reply
-        self.reason = reason
-
-
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """One complete SMTP reply: its code and the text of each of its lines."""
+    """One complete SMTP reply: its code and the text of each line after the separator.
+
+    ``raw`` is the reply as the upstream sent it (with CRLF line ends), when it came from
+    the upstream; a reply pipeproxy builds or rewrites has none and is serialised from
+    its lines.
+    """
 
     code: int
     lines: tuple[str, ...]
+    raw: bytes = field(default=b"", compare=False, repr=False)
 
     def serialise(self) -> bytes:
+        if self.raw:
+            return self.raw
         last = len(self.lines) - 1
         return b"".join(
-            f"{self.code}{' ' if i == last else '-'}{text}".rstrip(" ").encode("utf-8", "surrogateescape") + CRLF
+            f"{self.code}{' ' if i == last else '-'}{text}".encode("utf-8", "surrogateescape") + CRLF
             for i, text in enumerate(self.lines)
         )
 
     @property
     def text(self) -> str:
-        return " ".join(self.lines)
+        return " ".join(line.strip() for line in self.lines)
 
 
-def reply(code: int, *lines: str) -> bytes:
-    """Serialise a reply that pipeproxy itself gives."""
-    return Reply(code, lines or ("",)).serialise()
+def reply(code: int, *lines: str) -> Reply:
+    """A reply that pipeproxy itself gives."""
+    return Reply(code, lines or ("",))
+
+
+class ClientError(Exception):
+    """The client broke the protocol; it is told ``reply`` and the session goes on."""
+
+    def __init__(self, reply: Reply, reason: str) -> None:
+        super().__init__(reason)
+        self.reply = reply
+        self.reason = reason
+
+
+class UpstreamError(Exception):
+    """The upstream broke the protocol: nothing more it says can be trusted."""
+
+    reply = reply(421, "4.4.2 Upstream server broke the protocol, closing connection")
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 def mailbox(argument: str) -> str:
@@ -78,8 +102,19 @@ def mailbox(argument: str) -> str:
     return rest.split(" ", 1)[0]
 
 
-class CommandReader:
-    """Client input cut into command lines, bounded, with a clear error for bad lines."""
+LINE_TOO_LONG = reply(500, "5.5.2 Error: line too long")
+BARE_LF = reply(500, "5.5.2 Error: bare <LF> received")
+BARE_CR_OR_NUL = reply(500, "5.5.2 Error: bare <CR> or NUL in command line")
+
+
+class ClientInput:
+    """The client's receive buffer, bounded by the session, read by whichever reader fits.
+
+    Command lines: only CRLF ends a line; a line carrying a bare CR, a bare LF or a NUL
+    is refused whole, because a lenient upstream would read such a line as two commands
+    (RFC 5321 §2.3.8). An overlong line is discarded up to its end and reported once, so
+    the session can go on (§4.5.3.1.4).
+    """
 
     def __init__(self, max_line: int = DEFAULT_MAX_COMMAND_LINE) -> None:
         self.max_line = max_line
@@ -91,12 +126,6 @@ class CommandReader:
 
     def __len__(self) -> int:
         return len(self._buffer)
-
-    def take_rest(self) -> bytes:
-        """Everything buffered and not yet read; the reader is left empty."""
-        rest = bytes(self._buffer)
-        self._buffer.clear()
-        return rest
 
     def count_lines(self) -> int:
         """How many complete lines are buffered: the commands still owed a reply."""
@@ -113,7 +142,7 @@ class CommandReader:
         return b"\n" in self._buffer or len(self._buffer) >= self._limit(sasl=False)
 
     def next_line(self, sasl: bool = False) -> bytes | None:
-        """The next line without its CRLF, None if incomplete; ProtocolError if bad.
+        """The next line without its CRLF, None if incomplete; ClientError if bad.
 
         ``sasl``: the line answers an AUTH challenge, so the longer SASL limit applies.
         """
@@ -130,15 +159,19 @@ class CommandReader:
         del self._buffer[: end + 1]
         if self._discarding or end + 1 > limit:
             self._discarding = False
-            raise ProtocolError(reply(500, "5.5.2 Error: line too long"), "command line too long")
+            raise ClientError(LINE_TOO_LONG, "command line too long")
         if not line.endswith(b"\r"):
-            raise ProtocolError(reply(500, "5.5.2 Error: bare <LF> received"), "bare LF in command line")
+            raise ClientError(BARE_LF, "bare LF in command line")
         line = line[:-1]
         if b"\r" in line or b"\x00" in line:
-            raise ProtocolError(
-                reply(500, "5.5.2 Error: bare <CR> or NUL in command line"), "bare CR or NUL in command line"
-            )
+            raise ClientError(BARE_CR_OR_NUL, "bare CR or NUL in command line")
         return line
+
+    def read_content(self, unstuffer: Unstuffer) -> bytes:
+        """Message content decided so far, taken from the buffer (see ``Unstuffer``)."""
+        content, consumed = unstuffer.unframe(self._buffer)
+        del self._buffer[:consumed]
+        return content
 
 
 class ReplyReader:
@@ -148,6 +181,7 @@ class ReplyReader:
         self.max_size = max_size
         self._buffer = bytearray()
         self._lines: list[str] = []
+        self._raw: list[bytes] = []
         self._code: int | None = None
         self._size = 0  # octets of the reply being read, lines already taken included
 
@@ -158,11 +192,16 @@ class ReplyReader:
         """Whether any part of a reply has arrived and not been returned yet."""
         return bool(self._buffer) or bool(self._lines)
 
+    def clear(self) -> None:
+        """Forget everything: the connection it came from is gone."""
+        self._buffer.clear()
+        self._lines, self._raw, self._code, self._size = [], [], None, 0
+
     def next_reply(self) -> Reply | None:
         while True:
             end = self._buffer.find(b"\n")
             if self._size + (len(self._buffer) if end < 0 else end + 1) > self.max_size:
-                raise _bad_upstream("reply too long")
+                raise UpstreamError("reply too long")
             if end < 0:
                 return None
             raw = bytes(self._buffer[:end]).removesuffix(b"\r")
@@ -170,33 +209,26 @@ class ReplyReader:
             self._size += end + 1
             code, last, text = _parse_reply_line(raw)
             if self._code is not None and code != self._code:
-                raise _bad_upstream("multi-line reply changes its code")
+                raise UpstreamError("multi-line reply changes its code")
             self._code = code
             self._lines.append(text)
+            self._raw.append(raw + CRLF)
             if last:
-                complete = Reply(code, tuple(self._lines))
-                self._lines, self._code, self._size = [], None, 0
+                complete = Reply(code, tuple(self._lines), b"".join(self._raw))
+                self._lines, self._raw, self._code, self._size = [], [], None, 0
                 return complete
 
 
 def _parse_reply_line(raw: bytes) -> tuple[int, bool, str]:
     """(code, is last line, text) of one reply line; RFC 5321 §4.2."""
     if len(raw) < 3 or not raw[:3].isdigit() or raw[:1] not in b"2345":
-        raise _bad_upstream("malformed reply line")
+        raise UpstreamError("malformed reply line")
     separator = raw[3:4]
     if separator not in (b"", b" ", b"-"):
-        raise _bad_upstream("malformed reply line")
+        raise UpstreamError("malformed reply line")
     if b"\r" in raw or b"\x00" in raw:
-        raise _bad_upstream("control character in reply")
+        raise UpstreamError("control character in reply")
     return int(raw[:3]), separator != b"-", raw[4:].decode("utf-8", "surrogateescape")
-
-
-def _bad_upstream(reason: str) -> ProtocolError:
-    return ProtocolError(reply(421, "4.4.2 Upstream server broke the protocol, closing connection"), reason)
-
-
-# Every line break a lenient MTA might honour: CRLF, bare CR, bare LF.
-_LINE_BREAKS = re.compile(rb"\r\n|\r|\n")
 
 
 _END_OF_DATA = b"\r\n.\r\n"
@@ -210,6 +242,48 @@ def _undecided_tail(text: bytes) -> int:
     return 0
 
 
+class Unstuffer:
+    """The client's DATA framing undone: content out, its end found (RFC 5321 §4.5.2).
+
+    Works on the client's buffer in place: ``unframe`` says how much of it is decided
+    content; an undecided tail (what may yet become CRLF "." CRLF) stays in the buffer,
+    and so does everything after the end, for the command reader. ``done`` once the end
+    is seen; ``size`` counts content octets.
+    """
+
+    def __init__(self) -> None:
+        self.done = False
+        self.size = 0
+        # The buffer starts right after the DATA command's CRLF: a line start, so a "."
+        # there is special. That CRLF is put in front while nothing has been consumed.
+        self._at_start = True
+
+    def unframe(self, buffer: bytearray) -> tuple[bytes, int]:
+        """(content, octets of ``buffer`` consumed)."""
+        prefix = CRLF if self._at_start else b""
+        text = prefix + buffer
+        end = text.find(_END_OF_DATA)
+        if end >= 0:
+            self.done = True
+            decided, consumed = end + 2, end + 5
+        else:
+            decided = consumed = len(text) - _undecided_tail(text)
+        if consumed <= len(prefix):
+            return b"", 0  # nothing decided beyond the line start we put there
+        # Every line start follows a CRLF, so the client's stuffed dots are the "." after
+        # each CRLF: found with bytes methods, not a loop per line.
+        content = bytes(text[:decided]).replace(b"\r\n.", CRLF)
+        if self._at_start:
+            self._at_start = False
+            content = content[2:]
+        self.size += len(content)
+        return content, consumed - len(prefix)
+
+
+# Every line break a lenient MTA might honour: CRLF, bare CR, bare LF.
+_LINE_BREAKS = re.compile(rb"\r\n|\r|\n")
+
+
 def _has_bare(data: bytes) -> bool:
     """Whether ``data`` holds a CR or LF outside a CRLF, or a NUL.
 
@@ -220,89 +294,59 @@ def _has_bare(data: bytes) -> bool:
     return data.count(b"\r") != pairs or data.count(b"\n") != pairs or b"\x00" in data
 
 
-class BodyReframer:
-    """Message content from the client, re-framed for the upstream; bounded state.
+BARE_IN_CONTENT = "bare CR, LF or NUL in content"
 
-    ``feed`` returns the bytes to send upstream now. Once the client's terminator
-    (``CRLF . CRLF``) is seen, ``done`` is true, ``finish()`` gives the last bytes
-    (pipeproxy's own terminator) and ``leftover`` holds what the client sent after it:
-    pipelined commands (RFC 2920 §3.1).
 
-    With ``reject_bare`` false, bare CR and bare LF become CRLF and NUL is dropped; then
-    every line that starts with a dot is stuffed. With it true, the first such byte
-    refuses the message. Once ``refused`` (by that, or by the caller through
-    ``refuse``), nothing more is produced; the end is still found, and the caller must
-    not let the message be delivered.
+class Stuffer:
+    """Content framed for the upstream: CRLF lines, leading dots stuffed, our terminator.
+
+    ``frame`` returns the bytes to send now. With ``reject_bare`` false, bare CR and bare
+    LF become CRLF and NUL is dropped; with it true, the first such byte refuses the
+    message. Once ``refused`` (by that, or by the caller through ``refuse``), nothing
+    more is produced, and the caller must not let the message be delivered. A CR at the
+    end of one piece is held until the next shows whether an LF follows it.
     """
 
     def __init__(self, reject_bare: bool = False) -> None:
         self.reject_bare = reject_bare
-        self.done = False
         self.refused: str | None = None  # why the message must not be delivered
-        self.leftover = b""
-        self.size = 0  # octets of content received from the client
-        # Undecided client bytes: a tail that may yet become CRLF "." CRLF. It starts as
-        # the CRLF that ended the DATA command, so the first line is no special case.
-        self._tail = CRLF
-        self._leading_crlf = True  # that first CRLF is not content
-        self._out_line_start = True  # pipeproxy's framing: output at a line start
-
-    def feed(self, data: bytes) -> bytes:
-        if self.done:
-            raise RuntimeError("body already complete")
-        content = self._unframe(self._tail + data)
-        self.size += len(content)
-        return self._frame(content)
+        self._line_start = True
+        self._held_cr = b""
 
     def refuse(self, reason: str) -> None:
         self.refused = self.refused or reason
 
+    def frame(self, data: bytes) -> bytes:
+        if self.refused or not (data := self._held_cr + data):
+            return b""
+        self._held_cr = b""
+        if data.endswith(b"\r"):
+            data, self._held_cr = data[:-1], b"\r"
+        return self._frame(data)
+
     def finish(self) -> bytes:
-        """The terminator pipeproxy writes, once the client's was seen."""
-        assert self.done and not self.refused
-        return b".\r\n" if self._out_line_start else b"\r\n.\r\n"
-
-    def _unframe(self, text: bytes) -> bytes:
-        """Undo the client's framing: content out, the end detected (RFC 5321 §4.5.2).
-
-        Every line start in ``text`` follows a CRLF (the first one is the DATA command's),
-        so the end is the first CRLF "." CRLF, and the client's stuffed dots are the "."
-        after each CRLF: both are found with bytes methods, not a loop per line.
-        """
-        end = text.find(_END_OF_DATA)
-        if end >= 0:
-            self.done = True
-            self.leftover = text[end + 5 :]
-            body, self._tail = text[: end + 2], b""
-        else:
-            keep = _undecided_tail(text)
-            body, self._tail = text[: len(text) - keep], text[len(text) - keep :]
-        content = body.replace(b"\r\n.", CRLF)
-        if self._leading_crlf and content:
-            self._leading_crlf = False
-            content = content[2:]
-        return content
+        """The rest of the content and the terminator pipeproxy writes."""
+        assert not self.refused
+        tail = self._frame(self._held_cr)
+        self._held_cr = b""
+        if self.refused:
+            return b""
+        return tail + (b".\r\n" if self._line_start else b"\r\n.\r\n")
 
     def _frame(self, data: bytes) -> bytes:
-        """Frame content for the upstream: CRLF lines, leading dots stuffed.
-
-        ``_unframe`` never returns content ending in CR (a trailing CR could start the
-        terminator, so it is held back), so a CRLF is never split between calls and a
-        line break at the start of ``data`` is truly bare.
-        """
-        if self.refused or not data:
+        if not data:
             return b""
         if _has_bare(data):
             if self.reject_bare:
-                self.refuse("bare CR, LF or NUL in content")
+                self.refuse(BARE_IN_CONTENT)
                 return b""
             # Line breaks first, NUL after: a NUL between CR and LF must not join them
             # into one CRLF, or the result would depend on where the input was cut.
             data = _LINE_BREAKS.sub(CRLF, data).replace(b"\x00", b"")
             if not data:
                 return b""
-        if self._out_line_start and data.startswith(b"."):
+        if self._line_start and data.startswith(b"."):
             data = b"." + data
         data = data.replace(b"\r\n.", b"\r\n..")
-        self._out_line_start = data.endswith(CRLF)
+        self._line_start = data.endswith(CRLF)
         return data

@@ -23,6 +23,7 @@ import trio
 
 from ..core import proxy_protocol
 from ..core.config import Address, Config
+from . import streams
 from .connection import Connection
 from ..core.wire import reply
 
@@ -72,7 +73,7 @@ class Server:
     ) -> None:
         """Accept until ``shutdown``; return once every session has ended."""
         listeners = listeners or await listen(self.config.listen)
-        addresses = [str(Address(*listener.socket.getsockname()[:2])) for listener in listeners]
+        addresses = [str(streams.local_address(listener)) for listener in listeners]
         self._log.info("listening", addresses=addresses, upstream=str(self.config.upstream))
         async with trio.open_nursery() as sessions:
             with self._accepting:
@@ -125,8 +126,8 @@ class Server:
             try:
                 client, early = await _read_proxy_header(stream)
             except (ValueError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as error:
-                peer = stream.socket.getpeername()
-                self._log.warning("bad PROXY header, closing", peer=str(Address(*peer[:2])), error=str(error) or "timeout")
+                peer = streams.peer_address(stream)
+                self._log.warning("bad PROXY header, closing", peer=str(peer), error=str(error) or "timeout")
                 await stream.aclose()
                 return
         connection = Connection(stream, self.config, client, early)
@@ -146,7 +147,7 @@ class Server:
         self._log.warning("session refused: too many sessions", max_sessions=self.config.max_sessions)
         with trio.move_on_after(REFUSAL_TIMEOUT):
             try:
-                await stream.send_all(TOO_MANY_SESSIONS)
+                await stream.send_all(TOO_MANY_SESSIONS.serialise())
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
         await stream.aclose()

@@ -1,0 +1,60 @@
+"""What a Session asks the shell to do, in order: one typed action per kind of I/O.
+
+The shell carries out each list ``Session.handle`` returns, in order, before the list
+of any later event (mitmproxy's commands: ``SendData``, ``OpenConnection``,
+``CloseConnection``, ``Log``). Replies stay ``Reply`` values until the shell writes them,
+so tests and logs can see what was said, not only its bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .wire import Reply
+
+
+@dataclass(frozen=True, slots=True)
+class ToClient:
+    """Write these replies to the client in one write: one group (RFC 2920 §3.2)."""
+
+    replies: tuple[Reply, ...]
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(reply.serialise() for reply in self.replies)
+
+
+@dataclass(frozen=True, slots=True)
+class ToUpstream:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectUpstream:
+    """Open a connection to the upstream; answer with UpstreamConnected or UpstreamFailed."""
+
+
+@dataclass(frozen=True, slots=True)
+class DropUpstream:
+    """Close the upstream connection now, with no final dot; the client session goes on."""
+
+
+@dataclass(frozen=True, slots=True)
+class Log:
+    """One log line; ``event`` and its fields are named in ``logschema``."""
+
+    level: str
+    event: str
+    fields: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """End the session: close both connections. The upstream never sees a final dot."""
+
+    reason: str
+    clean: bool  # the client quit or hung up between commands; nothing went wrong
+
+
+Action = ToClient | ToUpstream | ConnectUpstream | DropUpstream | Log | Close

@@ -1,0 +1,96 @@
+"""Every log event pipeproxy writes, with its fields, named once.
+
+Operators read these lines (and ``pipeproxy inspect`` will parse them), so an event's
+name and fields are an interface: code refers to the constants here, never to a string
+of its own, and the tests check that every line the core writes matches its entry.
+Context fields bound by the shell (``session``, ``client``, ``upstream``, ``worker``)
+come on every line of a session and are not repeated here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class LogEvent:
+    name: str
+    level: str  # the usual level; a caller may raise it (a session that closed badly)
+    fields: frozenset[str]
+    doc: str
+
+    def check(self, fields: dict[str, Any]) -> None:
+        """Raise ValueError if ``fields`` has one this event does not declare."""
+        if extra := set(fields) - self.fields:
+            raise ValueError(f"log event {self.name!r} has undeclared fields {sorted(extra)}")
+
+
+def _event(name: str, level: str, fields: str, doc: str) -> LogEvent:
+    return LogEvent(name, level, frozenset(fields.split()), doc)
+
+
+# -- one session (the core) ------------------------------------------------------------
+SESSION_OPEN = _event("session open", "info", "", "a client connected")
+SESSION_CLOSED = _event(
+    "session closed",
+    "info",
+    "reason duration commands messages",
+    "the session ended; warning when it did not end cleanly (reason says why)",
+)
+UPSTREAM_GREETING = _event("upstream greeting", "info", "code", "the upstream's greeting arrived")
+UPSTREAM_UNREACHABLE = _event("upstream unreachable", "warning", "error", "connecting to the upstream failed")
+HELO_FALLBACK = _event(
+    "upstream has no EHLO, falling back to HELO", "info", "code", "the upstream refused EHLO; pipeproxy sent HELO"
+)
+EHLO_REWRITTEN = _event("ehlo rewritten", "info", "removed", "keywords removed from the EHLO reply clients see")
+COMMAND_REFUSED = _event(
+    "command refused", "info", "verb reason", "pipeproxy answered a command itself; it never reached the upstream"
+)
+COMMAND = _event(
+    "command",
+    "debug",
+    "verb code upstream_wait group",
+    "one command and its reply (never its argument); group counts the client writes so far",
+)
+TRANSACTION = _event(
+    "transaction",
+    "info",
+    "sender recipients_accepted recipients_rejected size reply_code reply outcome upstream_wait groups",
+    "one mail transaction, MAIL to its final reply: the canonical line per message",
+)
+MESSAGE_ABANDONED = _event(
+    "message abandoned, upstream closed without final dot",
+    "warning",
+    "reason",
+    "the message was not completed, so the upstream cannot deliver it",
+)
+UPSTREAM_RECONNECTING = _event(
+    "reconnecting upstream",
+    "info",
+    "reason",
+    "pipeproxy dropped the upstream connection mid-message and opens a new one for the session",
+)
+UPSTREAM_RECONNECTED = _event("upstream reconnected", "info", "", "greeting and EHLO replayed; the session goes on")
+INTERNAL_ERROR = _event(
+    "internal error", "error", "exception", "a bug in pipeproxy: the client got 421 and the session ended"
+)
+
+# -- the server and the process (the shell) -------------------------------------------
+LISTENING = _event("listening", "info", "addresses upstream", "pipeproxy accepts connections")
+DRAINING = _event("draining", "info", "sessions grace_period", "stopping: no new sessions, open ones finish")
+GRACE_OVER = _event(
+    "grace period over, closing sessions", "warning", "sessions", "sessions still open got 421 and were closed"
+)
+STOPPED = _event("stopped", "info", "sessions_left", "every session has ended")
+TOO_MANY_SESSIONS = _event(
+    "session refused: too many sessions", "warning", "max_sessions", "a client got 421 at once"
+)
+BAD_PROXY_HEADER = _event(
+    "bad PROXY header, closing", "warning", "peer error", "a connection without a valid PROXY header was closed"
+)
+SESSION_FAILED = _event("session failed", "error", "", "a session's shell failed; its traceback follows")
+
+EVENTS: dict[str, LogEvent] = {
+    event.name: event for event in list(globals().values()) if isinstance(event, LogEvent)
+}
