@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import re
 import signal
 import smtplib
 import socket
@@ -221,3 +222,29 @@ def test_demo_at_debug_shows_a_line_per_command(args, env):
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     commands = [line for line in lines if (line["level"], line["event"]) == ("debug", "command")]
     assert [line["verb"] for line in commands][:3] == ["EHLO", "MAIL", "RCPT"]
+
+
+def readme_options() -> dict[str, list[str]]:
+    """README's options table: each row's cells, by the flag the row starts with."""
+    with open(os.path.join(os.path.dirname(__file__), os.pardir, "README.md"), encoding="utf-8") as readme:
+        section = readme.read().split("## Options\n", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        if line.startswith("| `--"):
+            cells = [cell.strip() for cell in re.split(r"(?<!\\)\|", line)[1:-1]]
+            rows[cells[0].strip("`").split(" ")[0]] = cells
+    return rows
+
+
+def test_readme_options_table_matches_the_settings():
+    """Every setting has a row with its flag, its variable and Config's default, and no row is stale."""
+    rows = readme_options()
+    table = settings().values()
+    assert sorted(rows) == sorted(setting.flag for setting, _ in table)
+    for setting, default in table:
+        flag, env, shown, _ = rows[setting.flag]
+        value = setting.metavar or "\\|".join(setting.choices)
+        assert flag == f"`{setting.flag} {value}`" + (" (repeatable)" if setting.gather else "")
+        assert env.startswith(f"`{variable(setting)}`")
+        text = default_text(setting, default)
+        assert shown == text if setting.required else shown == ", ".join(f"`{part}`" for part in text.split(", "))
