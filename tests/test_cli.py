@@ -17,7 +17,7 @@ import trio
 from peers import JsonLog, start_legacy
 
 from pipeproxy.cli.main import parse
-from pipeproxy.cli.options import default_text, variable
+from pipeproxy.cli import options
 from pipeproxy.core.config import Address, BareLineEndings, settings
 from pipeproxy.core.wire import DEFAULT_MAX_COMMAND_LINE
 from pipeproxy.demo.legacy_mta import LegacyMTA
@@ -51,8 +51,8 @@ def test_help_shows_every_setting_with_its_variable_and_the_configs_own_default(
     result = run_cli("--help")
     text = " ".join(result.stdout.split())  # argparse wraps lines anywhere
     for setting, default in settings().values():
-        shown = "(required)" if setting.required else f"(default: {default_text(setting, default)})"
-        assert f"{setting.flag} " in text and f"[${variable(setting)}]" in text and shown in text
+        shown = "(required)" if setting.required else f"(default: {options.default_text(setting, default)})"
+        assert f"{setting.flag} " in text and f"[${options.variable(setting)}]" in text and shown in text
     assert "(default: 2048)" in text and "--hold-time SECONDS" in text
 
 
@@ -245,6 +245,6 @@ def test_readme_options_table_matches_the_settings():
         flag, env, shown, _ = rows[setting.flag]
         value = setting.metavar or "\\|".join(setting.choices)
         assert flag == f"`{setting.flag} {value}`" + (" (repeatable)" if setting.gather else "")
-        assert env.startswith(f"`{variable(setting)}`")
-        text = default_text(setting, default)
+        assert env.startswith(f"`{options.variable(setting)}`")
+        text = options.default_text(setting, default)
         assert shown == text if setting.required else shown == ", ".join(f"`{part}`" for part in text.split(", "))
