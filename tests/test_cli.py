@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
+import re
 import signal
 import smtplib
 import socket
@@ -14,8 +16,10 @@ import pytest
 import trio
 from peers import JsonLog, start_legacy
 
-from pipeproxy.cli.main import parse_config
-from pipeproxy.core.config import Address, BareLineEndings
+from pipeproxy.cli.main import parse
+from pipeproxy.cli import options
+from pipeproxy.core.config import Address, BareLineEndings, settings
+from pipeproxy.core.wire import DEFAULT_MAX_COMMAND_LINE
 from pipeproxy.demo.legacy_mta import LegacyMTA
 
 PIPEPROXY = [sys.executable, "-m", "pipeproxy"]
@@ -42,6 +46,25 @@ def test_help_explains_every_flag_and_its_variable():
         assert flag in result.stdout and variable in result.stdout
 
 
+def test_help_shows_every_setting_with_its_variable_and_the_configs_own_default():
+    """Defaults in the help come from Config, so they cannot go stale (512 once did)."""
+    result = run_cli("--help")
+    text = " ".join(result.stdout.split())  # argparse wraps lines anywhere
+    for setting, default in settings().values():
+        shown = "(required)" if setting.required else f"(default: {options.default_text(setting, default)})"
+        assert f"{setting.flag} " in text and f"[${options.variable(setting)}]" in text and shown in text
+    assert "(default: 2048)" in text and "--hold-time SECONDS" in text
+
+
+def test_help_lists_the_subcommands_and_version_comes_from_the_package():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for command in ("serve", "demo", "health"):
+        assert f"\n    {command} " in result.stdout
+    version = run_cli("--version")
+    assert (version.returncode, version.stdout) == (0, f"pipeproxy {importlib.metadata.version('pipeproxy')}\n")
+
+
 @pytest.mark.parametrize(
     ("args", "env", "says"),
     [
@@ -56,10 +79,26 @@ def test_help_explains_every_flag_and_its_variable():
         (["--upstream", "127.0.0.1:25", "--timeout", "rcpt=soon"], {}, "positive number of seconds"),
         ([], {"PIPEPROXY_UPSTREAM": "127.0.0.1:25", "PIPEPROXY_MAX_LINE_LENGTH": "big"}, "PIPEPROXY_MAX_LINE_LENGTH:"),
         ([], {"PIPEPROXY_UPSTREAM": "127.0.0.1:25", "PIPEPROXY_LOG_FORMAT": "xml"}, "PIPEPROXY_LOG_FORMAT:"),
+        # '²'.isdigit() is True but int('²') fails: a traceback, once, from the variables.
+        ([], {"PIPEPROXY_UPSTREAM": "127.0.0.1:25", "PIPEPROXY_MAX_SESSIONS": "²"},
+         "PIPEPROXY_MAX_SESSIONS: '²' is not a positive whole number"),
+        (["--upstream", "127.0.0.1:25", "--max-sessions", "²"], {}, "argument --max-sessions: '²' is not a positive whole number"),
+        (["--upstream", "127.0.0.1:²"], {}, "port must be a number"),
+        ([], {"PIPEPROXY_UPSTREAM": "127.0.0.1:25", "PIPEPROXY_GRACE_PERIOD": "nan"}, "PIPEPROXY_GRACE_PERIOD: 'nan' is not a number of seconds"),
+        (["--upstream", "127.0.0.1:25", "--grace-period", "-1"], {}, "argument --grace-period: '-1' is not a number of seconds"),
+        ([], {"PIPEPROXY_UPSTREAM": "127.0.0.1:25", "PIPEPROXY_HOLD_TIME": "soon"}, "PIPEPROXY_HOLD_TIME: 'soon' is not a number of seconds"),
+        ([], {"PIPEPROXY_UPSTREAM": "127.0.0.1:25", "PIPEPROXY_PROXY_PROTOCOL": "maybe"}, "PIPEPROXY_PROXY_PROTOCOL: invalid choice: 'maybe'"),
+        (["--upstream", "127.0.0.1:25", "--proxy-protocol", "maybe"], {}, "argument --proxy-protocol: invalid choice: 'maybe'"),
+        ([], {"PIPEPROXY_UPSTREAM": "127.0.0.1:25", "PIPEPROXY_TIMEOUTS": "rcpt=60,mail=soon"}, "PIPEPROXY_TIMEOUTS: 'mail=soon'"),
+        (["demo"], {"PIPEPROXY_LOG_LEVEL": "loud"}, "PIPEPROXY_LOG_LEVEL: invalid choice: 'loud'"),
+        (["health"], {}, "give --address HOST:PORT or set PIPEPROXY_HEALTH_LISTEN"),
+        (["bogus"], {}, "invalid choice: 'bogus'"),
     ],
 )
 def test_bad_flags_and_variables_give_one_line_and_status_2(args, env, says):
+    """A variable is checked exactly as its flag is: one line on stderr, status 2, no traceback."""
     result = run_cli(*args, env=env)
+    assert "Traceback" not in result.stderr
     assert result.returncode == 2
     assert result.stdout == ""
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("pipeproxy: error: ")
@@ -75,6 +114,12 @@ def test_an_address_already_in_use_gives_one_line_and_status_2():
     assert result.returncode == 2
     assert result.stderr.startswith(f"pipeproxy: error: cannot listen on 127.0.0.1:{port}: ")
     assert "Traceback" not in result.stderr
+
+
+def parse_config(argv: list[str], environ: dict[str, str]):
+    command, config = parse(argv, environ)
+    assert command == "serve"
+    return config
 
 
 def test_variables_configure_everything_and_flags_win():
@@ -96,6 +141,22 @@ def test_variables_configure_everything_and_flags_win():
     flagged = parse_config(["--listen", "127.0.0.1:2601", "--discard-ehlo-keyword", "size"], env)
     assert flagged.listen == Address("127.0.0.1", 2601)
     assert flagged.discard_ehlo_keywords == {"SIZE"}
+
+
+def test_hold_time_and_line_length_reach_the_config():
+    config = parse_config(["--upstream", "127.0.0.1:25"], {})
+    assert (config.max_line_length, config.hold_time) == (DEFAULT_MAX_COMMAND_LINE, 1.0)
+    flagged = parse_config(["--upstream", "127.0.0.1:25", "--hold-time", "0.25", "--max-line-length", "512"], {})
+    assert (flagged.max_line_length, flagged.hold_time) == (512, 0.25)
+    from_env = parse_config([], {"PIPEPROXY_UPSTREAM": "127.0.0.1:25", "PIPEPROXY_HOLD_TIME": "2"})
+    assert from_env.hold_time == 2.0
+
+
+def test_serve_is_the_default_command_and_options_may_come_before_it():
+    env = {"PIPEPROXY_UPSTREAM": "127.0.0.1:25"}
+    assert parse(["--listen", "127.0.0.1:2601"], env) == parse(["serve", "--listen", "127.0.0.1:2601"], env)
+    command, config = parse(["--listen", "127.0.0.1:2601", "serve", "--workers", "2"], env)
+    assert (command, config.listen, config.workers) == ("serve", Address("127.0.0.1", 2601), 2)
 
 
 def send_over_ipv6(port: int) -> dict:
@@ -151,3 +212,39 @@ def test_demo_shows_the_refusal_the_delivery_and_the_round_trips_saved():
     assert "client round trips: 5 through pipeproxy, instead of 16 lock-step" in out
     events = [json.loads(line)["event"] for line in out.splitlines() if line.startswith("{")]
     assert {"listening", "session open", "transaction", "session closed"} <= set(events)
+
+
+@pytest.mark.parametrize(("args", "env"), [(["--log-level", "debug"], {}), ([], {"PIPEPROXY_LOG_LEVEL": "debug"})])
+def test_demo_at_debug_shows_a_line_per_command(args, env):
+    """The demo's proxy once ran with a fresh Config at info, whatever level was asked for."""
+    result = run_cli("demo", "--log-format", "json", *args, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    commands = [line for line in lines if (line["level"], line["event"]) == ("debug", "command")]
+    assert [line["verb"] for line in commands][:3] == ["EHLO", "MAIL", "RCPT"]
+
+
+def readme_options() -> dict[str, list[str]]:
+    """README's options table: each row's cells, by the flag the row starts with."""
+    with open(os.path.join(os.path.dirname(__file__), os.pardir, "README.md"), encoding="utf-8") as readme:
+        section = readme.read().split("## Options\n", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        if line.startswith("| `--"):
+            cells = [cell.strip() for cell in re.split(r"(?<!\\)\|", line)[1:-1]]
+            rows[cells[0].strip("`").split(" ")[0]] = cells
+    return rows
+
+
+def test_readme_options_table_matches_the_settings():
+    """Every setting has a row with its flag, its variable and Config's default, and no row is stale."""
+    rows = readme_options()
+    table = settings().values()
+    assert sorted(rows) == sorted(setting.flag for setting, _ in table)
+    for setting, default in table:
+        flag, env, shown, _ = rows[setting.flag]
+        value = setting.metavar or "\\|".join(setting.choices)
+        assert flag == f"`{setting.flag} {value}`" + (" (repeatable)" if setting.gather else "")
+        assert env.startswith(f"`{options.variable(setting)}`")
+        text = options.default_text(setting, default)
+        assert shown == text if setting.required else shown == ", ".join(f"`{part}`" for part in text.split(", "))

@@ -1,16 +1,26 @@
-"""One frozen Config for a pipeproxy process, and the parsing of its addresses.
+"""One frozen Config for a pipeproxy process: every setting, written once.
+
+Each field carries a ``Setting`` in its metadata: the flag, the ``PIPEPROXY_*`` variable,
+what it means and how its text is parsed. The command line (``cli/options.py``) makes its
+flags, variables, help and checks from these, and shows the field's own default, so a
+new setting is one field here. Plain data only: no argparse, no trio.
 
 Defaults cite their source: line limits from RFC 5321 §4.5.3.1, timeouts from
-RFC 5321 §4.5.3.2. The command line (cli.py) builds a Config from flags and
-``PIPEPROXY_*`` environment variables; the protocol core reads only the fields it needs.
+RFC 5321 §4.5.3.2. The protocol core reads only the fields it needs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import ipaddress
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+from . import values
+from .ehlo import normalise_keywords
 from .wire import DEFAULT_MAX_COMMAND_LINE, DEFAULT_MAX_REPLY_SIZE
 
 
@@ -35,8 +45,14 @@ class Address(NamedTuple):
                 raise ValueError(f"{text!r} is not HOST:PORT")
             if ":" in host:
                 raise ValueError(f"{text!r}: write an IPv6 address in brackets, as [{host}]:{port}")
-        if not port.isdigit() or not 0 <= int(port) <= 65535:
+        if not (port.isascii() and port.isdecimal() and int(port) <= 65535):
             raise ValueError(f"{text!r}: port must be a number from 0 to 65535")
+        # A host that looks like an IP address must be one; other names are resolved later.
+        if re.fullmatch(r"[0-9.]+|.*:.*", host):
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                raise ValueError(f"{text!r}: {host!r} is not an IP address") from None
         return cls(host, int(port))
 
 
@@ -62,35 +78,115 @@ class Timeouts:
 
 
 @dataclass(frozen=True, slots=True)
+class Setting:
+    """How one Config field is set from outside; the help gets the default added."""
+
+    flag: str  # "--max-sessions"
+    variable: str  # after PIPEPROXY_: "MAX_SESSIONS"
+    help: str
+    # One value's text to the value (choices: lower-cased and checked first); raises
+    # ValueError with the reason.
+    parse: Callable[[str], Any]
+    metavar: str = ""  # what a value looks like, for settings without choices
+    choices: tuple[str, ...] = ()
+    # Repeatable: the flag may be given again and the variable is a list; this turns
+    # the parsed values into the field's value.
+    gather: Callable[[list[Any]], Any] | None = None
+    required: bool = False  # pipeproxy cannot serve without it, whatever the default
+
+
+def setting(flag: str, variable: str, parse: Callable[[str], Any], help: str, **more: Any) -> dict[str, Setting]:
+    """Field metadata holding the Setting."""
+    return {"setting": Setting(flag, variable, help, parse, **more)}
+
+
+def settings() -> dict[str, tuple[Setting, Any]]:
+    """Each Config field's name, with its Setting and its default, in field order."""
+    table = {}
+    for f in dataclasses.fields(Config):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        table[f.name] = (f.metadata["setting"], default)
+    return table
+
+
+TIMEOUT_NAMES = tuple(f.name for f in dataclasses.fields(Timeouts))
+
+
+def _timeouts(overrides: list[tuple[str, float]]) -> Timeouts:
+    return Timeouts(**dict(overrides))
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
-    listen: Address = Address("127.0.0.1", 2525)
-    upstream: Address = Address("127.0.0.1", 25)
-    log_format: str = "json"
-    log_level: str = "info"
-    discard_ehlo_keywords: frozenset[str] = frozenset()
-    max_line_length: int = DEFAULT_MAX_COMMAND_LINE
-    # Pipelined client input held while the upstream answers; past it, stop reading.
-    max_pipeline_bytes: int = 256 * 1024
+    listen: Address = field(default=Address("127.0.0.1", 2525), metadata=setting(
+        "--listen", "LISTEN", Address.parse, metavar="HOST:PORT",
+        help="where clients connect; [IPV6]:PORT for IPv6"))
+    upstream: Address = field(default=Address("127.0.0.1", 25), metadata=setting(
+        "--upstream", "UPSTREAM", Address.parse, metavar="HOST:PORT", required=True,
+        help="the legacy MTA to relay to"))
+    log_format: str = field(default="auto", metadata=setting(
+        "--log-format", "LOG_FORMAT", str, choices=("auto", "json", "console"),
+        help="json lines for machines, console for people; auto: console on a terminal, json otherwise"))
+    log_level: str = field(default="info", metadata=setting(
+        "--log-level", "LOG_LEVEL", str, choices=("debug", "info", "warning", "error"),
+        help="debug adds a line per command"))
+    discard_ehlo_keywords: frozenset[str] = field(default=frozenset(), metadata=setting(
+        "--discard-ehlo-keyword", "DISCARD_EHLO_KEYWORDS", str, metavar="KEYWORD", gather=normalise_keywords,
+        help="an EHLO keyword to hide from clients, like Postfix's smtpd_discard_ehlo_keywords; "
+        "matched case-insensitively; PIPELINING cannot be discarded"))
+    # RFC 5321 §4.5.3.1.4 asks for at least 512 octets; real clients send longer.
+    max_line_length: int = field(default=DEFAULT_MAX_COMMAND_LINE, metadata=setting(
+        "--max-line-length", "MAX_LINE_LENGTH", values.positive_int, metavar="OCTETS",
+        help="longest command line accepted, CRLF included; a longer one gets 500 and never reaches the upstream"))
+    max_pipeline_bytes: int = field(default=256 * 1024, metadata=setting(
+        "--max-pipeline-bytes", "MAX_PIPELINE_BYTES", values.positive_int, metavar="OCTETS",
+        help="pipelined client input held while the upstream answers; beyond it pipeproxy stops reading"))
     # RFC 5321 §4.5.3.1.8: a server must accept at least 100 recipients per message.
-    max_recipients: int = 1000
-    # Octets of message content; 0 leaves size to the upstream's own SIZE limit.
-    max_message_size: int = 0
-    max_reply_size: int = DEFAULT_MAX_REPLY_SIZE
-    max_sessions: int = 1000
-    # Octets per second over a whole message, like Postfix's smtpd_min_data_rate: a
-    # client trickling content is cut off even if each byte beats data_block; 0: off.
-    min_data_rate: int = 500
-    # Each connection starts with a PROXY protocol header (v1 or v2) from a balancer.
-    proxy_protocol: bool = False
-    # Where the health endpoint listens (health.py); None: no endpoint.
-    health_listen: Address | None = None
-    # Processes sharing the listening port (SO_REUSEPORT); 1 serves in this process.
-    workers: int = 1
-    # Seconds that transactions in flight get to finish after SIGTERM or SIGINT.
-    grace_period: float = 30.0
-    # Seconds replies to RSET/MAIL/RCPT may be held for one write while the upstream is
-    # slow; past it what is held goes out, so a client's read timeout never fires on
-    # replies pipeproxy already has.
-    hold_time: float = 1.0
-    bare_line_endings: BareLineEndings = BareLineEndings.NEUTRALISE
-    timeouts: Timeouts = field(default_factory=Timeouts)
+    max_recipients: int = field(default=1000, metadata=setting(
+        "--max-recipients", "MAX_RECIPIENTS", values.positive_int, metavar="COUNT",
+        help="RCPT commands per message; more get 452"))
+    max_message_size: int = field(default=0, metadata=setting(
+        "--max-message-size", "MAX_MESSAGE_SIZE", values.non_negative_int, metavar="OCTETS",
+        help="pipeproxy's own message size limit: advertised in SIZE, larger messages get 552; "
+        "0 leaves it to the upstream"))
+    max_reply_size: int = field(default=DEFAULT_MAX_REPLY_SIZE, metadata=setting(
+        "--max-reply-size", "MAX_REPLY_SIZE", values.positive_int, metavar="OCTETS",
+        help="longest reply accepted from the upstream, all lines together; "
+        "longer is a broken upstream and ends the session with 421"))
+    max_sessions: int = field(default=1000, metadata=setting(
+        "--max-sessions", "MAX_SESSIONS", values.positive_int, metavar="COUNT",
+        help="concurrent client sessions; beyond it a new client gets 421 at once"))
+    # Per message, not per block: a client trickling content is cut off even if each
+    # byte beats data_block.
+    min_data_rate: int = field(default=500, metadata=setting(
+        "--min-data-rate", "MIN_DATA_RATE", values.non_negative_int, metavar="OCTETS_PER_SECOND",
+        help="slowest message content accepted, averaged over the message, like Postfix's "
+        "smtpd_min_data_rate; 0 turns it off"))
+    proxy_protocol: bool = field(default=False, metadata=setting(
+        "--proxy-protocol", "PROXY_PROTOCOL", values.on_off, choices=("off", "on"),
+        help="on: every connection starts with a PROXY protocol v1 or v2 header (HAProxy, cloud load "
+        "balancers) giving the real client, which the logs show; a connection without one is closed"))
+    health_listen: Address | None = field(default=None, metadata=setting(
+        "--health-listen", "HEALTH_LISTEN", Address.parse, metavar="HOST:PORT",
+        help="serve an HTTP health endpoint there (GET /health: 200 while serving, 503 while draining); "
+        "'pipeproxy health' asks it"))
+    workers: int = field(default=1, metadata=setting(
+        "--workers", "WORKERS", values.positive_int, metavar="COUNT",
+        help="processes sharing the listening port with SO_REUSEPORT, to use more cores"))
+    grace_period: float = field(default=30.0, metadata=setting(
+        "--grace-period", "GRACE_PERIOD", values.seconds, metavar="SECONDS",
+        help="on SIGTERM or SIGINT, how long transactions in flight get to finish before the remaining "
+        "sessions get 421; a second signal ends it at once"))
+    # Past it what is held goes out, so a client's read timeout never fires on replies
+    # pipeproxy already has.
+    hold_time: float = field(default=1.0, metadata=setting(
+        "--hold-time", "HOLD_TIME", values.seconds, metavar="SECONDS",
+        help="how long replies to RSET, MAIL and RCPT may be held to go out in one write while the "
+        "upstream is slow"))
+    bare_line_endings: BareLineEndings = field(default=BareLineEndings.NEUTRALISE, metadata=setting(
+        "--bare-line-endings", "BARE_LINE_ENDINGS", BareLineEndings, choices=tuple(p.value for p in BareLineEndings),
+        help="bare CR, bare LF or NUL in message content: neutralise turns CR and LF into CRLF and drops "
+        "NUL; reject refuses the message with 550"))
+    timeouts: Timeouts = field(default_factory=Timeouts, metadata=setting(
+        "--timeout", "TIMEOUTS", values.timeout(TIMEOUT_NAMES), metavar="NAME=SECONDS", gather=_timeouts,
+        help="override one timeout; the defaults are RFC 5321 4.5.3.2's"))

@@ -8,6 +8,7 @@ delivers it. It prints pipeproxy's own log lines and the round trips saved.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import TextIO
 
@@ -25,13 +26,14 @@ CONTENT = b"From: demo@client.test\r\nSubject: pipeproxy demo\r\n\r\nHello throu
 ASSUMED_RTT = 0.1  # seconds: a client 100 ms away, for the worked example
 
 
-async def run_demo(out: TextIO) -> int:
+async def run_demo(config: Config, out: TextIO) -> int:
     say = lambda text="": print(text, file=out, flush=True)  # noqa: E731
     mta = LegacyMTA(reply_delay=0.002)
     async with trio.open_nursery() as nursery:
         [mta_listener] = await nursery.start(mta.serve, "127.0.0.1", 0)
         mta_address = Address(*mta_listener.socket.getsockname()[:2])
-        config = Config(listen=Address("127.0.0.1", 0), upstream=mta_address)
+        # The given Config, not a fresh one: the session reads log_level to log commands.
+        config = dataclasses.replace(config, listen=Address("127.0.0.1", 0), upstream=mta_address)
         [proxy_listener] = await nursery.start(serve, config)
         proxy_address = Address(*proxy_listener.socket.getsockname()[:2])
 
@@ -69,6 +71,7 @@ async def run_demo(out: TextIO) -> int:
     return 0 if delivered else 1
 
 
-def main(log_format: str | None, log_level: str, out: TextIO = sys.stdout) -> int:
-    logs.configure(log_format or logs.default_format(out), log_level, out)
-    return trio.run(run_demo, out)
+def main(config: Config, out: TextIO = sys.stdout) -> int:
+    """Run the demo with ``config``'s logging; 0 if the message was delivered as it should be."""
+    logs.configure(config.log_format, config.log_level, out)
+    return trio.run(run_demo, config, out)

@@ -67,3 +67,13 @@ def check(address: Address, timeout: float = REQUEST_TIMEOUT) -> tuple[bool, str
         return False, f"cannot reach {address}: {error}"
     status_line = answer.split(b"\r\n", 1)[0].decode(errors="replace")
     return status_line.split(" ")[1:2] == ["200"], status_line
+
+
+def probe(address: Address) -> int:
+    """``pipeproxy health``: ask, print the answer, and give the exit status (0: healthy)."""
+    # An endpoint listening on every address is asked on loopback.
+    if address.host in ("0.0.0.0", "::"):
+        address = Address("127.0.0.1" if address.host == "0.0.0.0" else "::1", address.port)
+    healthy, said = check(address)
+    print(said)
+    return 0 if healthy else 1

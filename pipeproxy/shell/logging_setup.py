@@ -14,16 +14,15 @@ from typing import TextIO
 
 import structlog
 
-LEVELS = ("debug", "info", "warning", "error")
-FORMATS = ("json", "console")
-
-
 def default_format(stream: TextIO) -> str:
     return "console" if stream.isatty() else "json"
 
 
 def configure(log_format: str, level: str, stream: TextIO | None = None) -> None:
+    """``log_format``: json, console, or auto (console on a terminal); ``level``: debug to error."""
     stream = stream or sys.stdout
+    if log_format == "auto":
+        log_format = default_format(stream)
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,

@@ -3,8 +3,9 @@
 A ``Server`` gives each client connection its own ``Connection``. A failure inside one
 session is logged and ends that session only. Past ``max_sessions`` a new client gets
 421 at once and is closed. ``shutdown`` stops accepting (the listeners close, so new
-clients are refused), lets every session finish the transaction it is in, answers
-the rest with 421, and after the grace period ends whatever is left with 421.
+clients are refused) and tells every session at once to finish the transaction it is
+in and then answer 421; the grace period runs from when the stop was asked for, and
+after it whatever is left is ended with 421.
 
 With ``proxy_protocol`` on, each connection must start with a PROXY header (v1 or v2)
 naming the real client, which the logs then show; a connection without a valid one
@@ -17,6 +18,7 @@ processes can listen on one port and the kernel spreads connections between them
 from __future__ import annotations
 
 import socket
+from collections.abc import Awaitable, Callable
 
 import structlog
 import trio
@@ -64,6 +66,7 @@ class Server:
         self._accepting = trio.CancelScope()
         self._hurry = trio.CancelScope()
         self._changed = trio.lowlevel.ParkingLot()
+        self._sessions: trio.Nursery | None = None
 
     async def serve(
         self,
@@ -76,28 +79,40 @@ class Server:
         addresses = [str(streams.local_address(listener)) for listener in listeners]
         self._log.info("listening", addresses=addresses, upstream=str(self.config.upstream))
         async with trio.open_nursery() as sessions:
+            self._sessions = sessions
             with self._accepting:
                 task_status.started(listeners)
                 # Sessions live in our nursery, so ending the accept loops (which closes
                 # the listeners) leaves them running.
                 await trio.serve_listeners(self._handle, listeners, handler_nursery=sessions)
 
-    async def shutdown(self, grace: float) -> None:
-        """Stop accepting; let sessions finish within ``grace`` seconds, then end them."""
+    async def shutdown(self, grace: float, asked_at: float | None = None) -> None:
+        """Stop accepting; let sessions finish until ``grace`` seconds after ``asked_at``
+        (trio's clock: when the signal came; default now), then end them."""
+        deadline = (trio.current_time() if asked_at is None else asked_at) + grace
         self._accepting.cancel()
         self._log.info("draining", sessions=len(self.connections), grace_period=grace)
-        for connection in list(self.connections):
-            await connection.drain()
-        with self._hurry:
-            with trio.move_on_after(grace):
-                await self._wait_for_sessions()
+        self._tell_all(Connection.drain)
+        with self._hurry, trio.move_on_at(deadline):
+            await self._wait_for_sessions()
         if self.connections:
             self._log.warning("grace period over, closing sessions", sessions=len(self.connections))
-            for connection in list(self.connections):
-                await connection.shut_down()
+            self._tell_all(Connection.shut_down)
             with trio.move_on_after(FINAL_CLOSE_TIMEOUT):
                 await self._wait_for_sessions()
         self._log.info("stopped", sessions_left=len(self.connections))
+
+    def _tell_all(self, tell: Callable[[Connection], Awaitable[None]]) -> None:
+        """Tell every connection at once: one whose client is stuck must not hold up the rest.
+
+        The calls run in the sessions' nursery, not under shutdown's deadline: cancelled
+        halfway, a connection would lose the rest of its actions (a Close after a 421),
+        and nothing later would close it. A stuck call ends with its connection, whose
+        writes have their own timeout.
+        """
+        assert self._sessions is not None, "connections exist only while serve runs"
+        for connection in list(self.connections):
+            self._sessions.start_soon(tell, connection)
 
     @property
     def stopping(self) -> bool:
