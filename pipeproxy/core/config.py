@@ -104,7 +104,7 @@ def settings() -> dict[str, tuple[Setting, Any]]:
     """Each Config field's name, with its Setting and its default, in field order."""
     table = {}
     for f in dataclasses.fields(Config):
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        default = f.default_factory() if callable(f.default_factory) else f.default
         table[f.name] = (f.metadata["setting"], default)
     return table
 

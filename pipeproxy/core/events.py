@@ -23,7 +23,7 @@ class ClientConnected:
 
 @dataclass(frozen=True, slots=True)
 class ClientData:
-    data: bytes
+    data: bytes | bytearray  # as trio's receive_some gives it
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +45,7 @@ class UpstreamConnected:
 
 @dataclass(frozen=True, slots=True)
 class UpstreamData:
-    data: bytes
+    data: bytes | bytearray
 
 
 @dataclass(frozen=True, slots=True)

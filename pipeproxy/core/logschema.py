@@ -90,6 +90,18 @@ BAD_PROXY_HEADER = _event(
     "bad PROXY header, closing", "warning", "peer error", "a connection without a valid PROXY header was closed"
 )
 SESSION_FAILED = _event("session failed", "error", "", "a session's shell failed; its traceback follows")
+STOPPING = _event("stopping", "info", "signal", "a signal asked pipeproxy to stop: the drain begins")
+STOPPING_NOW = _event("stopping now", "info", "signal", "a second signal ended the grace period")
+WORKERS_STARTED = _event("workers started", "info", "workers port", "worker processes share the port")
+WORKER_ENDED = _event(
+    "worker ended, stopping the others", "error", "worker exitcode", "a worker died; the others were stopped"
+)
+
+def write(logger: Any, event: LogEvent, **fields: Any) -> None:
+    """Write ``event`` at its level to a structlog-style ``logger`` (the shell's lines)."""
+    event.check(fields)
+    getattr(logger, event.level)(event.name, **fields)
+
 
 EVENTS: dict[str, LogEvent] = {
     event.name: event for event in list(globals().values()) if isinstance(event, LogEvent)

@@ -121,7 +121,7 @@ class ClientInput:
         self._buffer = bytearray()
         self._discarding = False
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         self._buffer += data
 
     def __len__(self) -> int:
@@ -185,7 +185,7 @@ class ReplyReader:
         self._code: int | None = None
         self._size = 0  # octets of the reply being read, lines already taken included
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         self._buffer += data
 
     def pending(self) -> bool:

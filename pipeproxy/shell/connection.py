@@ -21,7 +21,15 @@ import secrets
 import structlog
 import trio
 
-from ..core.actions import Action, Close, ConnectUpstream, DropUpstream, Log, ToClient, ToUpstream
+from ..core.actions import (
+    Action,
+    Close,
+    ConnectUpstream,
+    DropUpstream,
+    Log,
+    ToClient,
+    ToUpstream,
+)
 from ..core.config import Address, Config
 from ..core.events import (
     ClientClosed,

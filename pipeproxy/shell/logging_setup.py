@@ -14,6 +14,7 @@ from typing import TextIO
 
 import structlog
 
+
 def default_format(stream: TextIO) -> str:
     return "console" if stream.isatty() else "json"
 

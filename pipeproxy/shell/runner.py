@@ -18,7 +18,9 @@ import sys
 import structlog
 import trio
 
+from ..core import logschema as L
 from ..core.config import Address, Config
+from ..core.logschema import write
 from . import logging_setup as logs
 from .health import serve_health
 from .server import Server, listen
@@ -56,10 +58,10 @@ async def run(config: Config, shared: bool = False) -> None:
             stopping = False
             async for signum in signals:
                 if stopping:
-                    log.info("stopping now", signal=signal.Signals(signum).name)
+                    write(log, L.STOPPING_NOW, signal=signal.Signals(signum).name)
                     server.hurry()
                 else:
-                    log.info("stopping", signal=signal.Signals(signum).name)
+                    write(log, L.STOPPING, signal=signal.Signals(signum).name)
                     stopping = True
                     nursery.start_soon(stop, trio.current_time())
 
@@ -86,14 +88,14 @@ def run_workers(config: Config) -> int:
     signal.signal(signal.SIGINT, stop)
     for worker in workers:
         worker.start()
-    log.info("workers started", workers=[worker.pid for worker in workers], port=config.listen.port)
+    write(log, L.WORKERS_STARTED, workers=[worker.pid for worker in workers], port=config.listen.port)
     status = 0
     try:
         while any(worker.exitcode is None for worker in workers):
             for worker in workers:
                 worker.join(timeout=0.5)
                 if worker.exitcode is not None and worker.exitcode != 0 and not stopping:
-                    log.error("worker ended, stopping the others", worker=worker.pid, exitcode=worker.exitcode)
+                    write(log, L.WORKER_ENDED, worker=worker.pid, exitcode=worker.exitcode)
                     status = 1
                     stop(signal.SIGTERM, None)
     finally:

@@ -23,11 +23,13 @@ from collections.abc import Awaitable, Callable
 import structlog
 import trio
 
+from ..core import logschema as L
 from ..core import proxy_protocol
 from ..core.config import Address, Config
+from ..core.logschema import write
+from ..core.wire import reply
 from . import streams
 from .connection import Connection
-from ..core.wire import reply
 
 # Connections can arrive in bursts (PEERS.md: socat's backlog of 5 dropped SYNs);
 # the kernel caps this at its somaxconn.
@@ -77,7 +79,7 @@ class Server:
         """Accept until ``shutdown``; return once every session has ended."""
         listeners = listeners or await listen(self.config.listen)
         addresses = [str(streams.local_address(listener)) for listener in listeners]
-        self._log.info("listening", addresses=addresses, upstream=str(self.config.upstream))
+        write(self._log, L.LISTENING, addresses=addresses, upstream=str(self.config.upstream))
         async with trio.open_nursery() as sessions:
             self._sessions = sessions
             with self._accepting:
@@ -91,16 +93,16 @@ class Server:
         (trio's clock: when the signal came; default now), then end them."""
         deadline = (trio.current_time() if asked_at is None else asked_at) + grace
         self._accepting.cancel()
-        self._log.info("draining", sessions=len(self.connections), grace_period=grace)
+        write(self._log, L.DRAINING, sessions=len(self.connections), grace_period=grace)
         self._tell_all(Connection.drain)
         with self._hurry, trio.move_on_at(deadline):
             await self._wait_for_sessions()
         if self.connections:
-            self._log.warning("grace period over, closing sessions", sessions=len(self.connections))
+            write(self._log, L.GRACE_OVER, sessions=len(self.connections))
             self._tell_all(Connection.shut_down)
             with trio.move_on_after(FINAL_CLOSE_TIMEOUT):
                 await self._wait_for_sessions()
-        self._log.info("stopped", sessions_left=len(self.connections))
+        write(self._log, L.STOPPED, sessions_left=len(self.connections))
 
     def _tell_all(self, tell: Callable[[Connection], Awaitable[None]]) -> None:
         """Tell every connection at once: one whose client is stuck must not hold up the rest.
@@ -142,7 +144,7 @@ class Server:
                 client, early = await _read_proxy_header(stream)
             except (ValueError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as error:
                 peer = streams.peer_address(stream)
-                self._log.warning("bad PROXY header, closing", peer=str(peer), error=str(error) or "timeout")
+                write(self._log, L.BAD_PROXY_HEADER, peer=str(peer), error=str(error) or "timeout")
                 await stream.aclose()
                 return
         connection = Connection(stream, self.config, client, early)
@@ -152,14 +154,14 @@ class Server:
                 await connection.drain()
             await connection.serve()
         except Exception:
-            self._log.exception("session failed")
+            self._log.exception(L.SESSION_FAILED.name)
         finally:
             self.connections.discard(connection)
             self._changed.unpark_all()
 
     async def _refuse(self, stream: trio.SocketStream) -> None:
         # At once, not a hang: the client can try again or go to another MX.
-        self._log.warning("session refused: too many sessions", max_sessions=self.config.max_sessions)
+        write(self._log, L.TOO_MANY_SESSIONS, max_sessions=self.config.max_sessions)
         with trio.move_on_after(REFUSAL_TIMEOUT):
             try:
                 await stream.send_all(TOO_MANY_SESSIONS.serialise())
