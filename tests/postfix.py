@@ -24,6 +24,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from peers import unused_port
+
 MASTER_CF = """\
 {listen} inet n - n - - smtpd
 pickup    unix  n - n 60 1 pickup
@@ -77,17 +79,11 @@ smtpd_data_restrictions = reject_unauth_pipelining
 """
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class PrivatePostfix:
     def __init__(self, root: Path, *, helo_only: bool) -> None:
         self.root = root
         self.config_dir = root / "etc"
-        self.port = free_port()
+        self.port = unused_port()
         self.helo_only = helo_only
 
     @property

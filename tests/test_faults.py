@@ -9,7 +9,7 @@ import struct
 
 import pytest
 import trio
-from peers import Peer, closed_port, start_legacy, start_proxy, start_upstream
+from peers import Peer, closed_port, open_session, start_legacy, start_proxy, start_upstream
 
 from pipeproxy.core.config import Config
 from pipeproxy.demo.legacy_mta import LegacyMTA
@@ -46,14 +46,6 @@ def recording_upstream(saw: list[bytes], received: trio.Event):
         received.set()
 
     return record_body
-
-
-async def client_session(proxy) -> Peer:
-    client = await Peer.connect(proxy)
-    assert (await client.reply()).code == 220
-    await client.send(b"EHLO client.test\r\n")
-    assert (await client.reply()).code == 250
-    return client
 
 
 def reset(peer: Peer) -> None:
@@ -119,7 +111,7 @@ async def test_upstream_closing_mid_batch_answers_each_queued_command(nursery):
         assert (await peer.line()).startswith(b"RCPT")
 
     proxy = await start_proxy(nursery, await start_upstream(nursery, leave_after_two_rcpts))
-    client = await client_session(proxy)
+    client = await open_session(proxy)
     await client.send(b"".join(envelope_lines("s@client.test", ["a@x", "b@x", "c@x", "d@x"])))
     assert await client.rest() == b"250 Ok\r\n" * 3 + CLOSED + UNAVAILABLE * 2
 
@@ -135,7 +127,7 @@ async def test_upstream_reset_mid_batch_answers_each_queued_command(nursery):
         reset(peer)
 
     proxy = await start_proxy(nursery, await start_upstream(nursery, reset_after_mail))
-    client = await client_session(proxy)
+    client = await open_session(proxy)
     await client.send(b"".join(envelope_lines("s@client.test", ["a@x", "b@x"])))
     replies = await client.rest()
     assert replies.startswith(b"250 Ok\r\n421 4.4.2 ")
@@ -149,7 +141,7 @@ async def test_upstream_dying_after_354_never_lets_a_message_through(nursery):
         await greet_and_accept_envelope(peer)
 
     proxy = await start_proxy(nursery, await start_upstream(nursery, die_after_354))
-    client = await client_session(proxy)
+    client = await open_session(proxy)
     await client.send(b"".join(envelope_lines("s@client.test", ["a@x"])))
     assert [r.code for r in await client.replies(3)] == [250, 250, 354]
     await client.send(b"Subject: hello\r\n\r\nbody\r\n.\r\n")
@@ -166,7 +158,7 @@ async def test_upstream_dying_mid_body_gives_421_never_250(nursery):
         reset(peer)
 
     proxy = await start_proxy(nursery, await start_upstream(nursery, die_mid_body))
-    client = await client_session(proxy)
+    client = await open_session(proxy)
     await client.send(b"".join(envelope_lines("s@client.test", ["a@x"])))
     await client.replies(3)
 
@@ -191,7 +183,7 @@ async def test_upstream_dying_after_the_final_dot_gives_421_never_250(nursery):
         seen.append(await peer.until(b"\r\n.\r\n"))
 
     proxy = await start_proxy(nursery, await start_upstream(nursery, die_after_dot))
-    client = await client_session(proxy)
+    client = await open_session(proxy)
     await client.send(b"".join(envelope_lines("s@client.test", ["a@x"])))
     await client.replies(3)
     await client.send(b"body\r\n.\r\n")
@@ -203,7 +195,7 @@ async def test_client_vanishing_mid_body_never_sends_the_final_dot(nursery):
     """The client drops halfway: the upstream gets EOF, never the terminator."""
     received, upstream_saw = trio.Event(), []
     proxy = await start_proxy(nursery, await start_upstream(nursery, recording_upstream(upstream_saw, received)))
-    client = await client_session(proxy)
+    client = await open_session(proxy)
     await client.send(b"".join(envelope_lines("s@client.test", ["a@x"])))
     await client.replies(3)
     await client.send(b"Subject: half\r\n\r\nfirst half\r\n")
@@ -216,7 +208,7 @@ async def test_client_reset_mid_body_never_sends_the_final_dot(nursery):
     """Same with a TCP reset from the client, ending on a line that looks like an end."""
     received, upstream_saw = trio.Event(), []
     proxy = await start_proxy(nursery, await start_upstream(nursery, recording_upstream(upstream_saw, received)))
-    client = await client_session(proxy)
+    client = await open_session(proxy)
     await client.send(b"".join(envelope_lines("s@client.test", ["a@x"])))
     await client.replies(3)
     await client.send(b"almost\r\n.")
@@ -234,7 +226,7 @@ async def test_upstream_garbage_gives_421(nursery):
         await trio.sleep_forever()
 
     proxy = await start_proxy(nursery, await start_upstream(nursery, garbage))
-    client = await client_session(proxy)
+    client = await open_session(proxy)
     await client.send(b"NOOP\r\n")
     assert await client.rest() == BROKE
 
@@ -252,7 +244,7 @@ async def test_upstream_endless_line_gives_421_with_bounded_memory(nursery):
             pass
 
     proxy = await start_proxy(nursery, await start_upstream(nursery, endless))
-    client = await client_session(proxy)
+    client = await open_session(proxy)
     await client.send(b"NOOP\r\n")
     assert await client.rest() == BROKE
 
@@ -267,7 +259,7 @@ async def test_upstream_malformed_multiline_reply_gives_421(nursery):
         await trio.sleep_forever()
 
     proxy = await start_proxy(nursery, await start_upstream(nursery, malformed))
-    client = await client_session(proxy)
+    client = await open_session(proxy)
     await client.send(b"NOOP\r\n")
     assert await client.rest() == BROKE
 
@@ -276,7 +268,7 @@ async def test_bad_client_lines_get_clear_errors_and_the_session_goes_on(nursery
     """Overlong line, bare LF, garbage bytes: 500 each, in order; then mail still flows."""
     mta = LegacyMTA(reply_delay=0.002)
     proxy = await start_proxy(nursery, await start_legacy(nursery, mta))
-    client = await client_session(proxy)
+    client = await open_session(proxy)
     await client.send(b"NOOP " + b"x" * 5000 + b"\r\nNOOP\nRSET\r\n\xff\xfe\x00\x01\r\nFOO bar\r\n")
     replies = await client.replies(5)
     assert [(r.code, r.text) for r in replies] == [

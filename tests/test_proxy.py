@@ -8,7 +8,7 @@ from email.message import EmailMessage
 
 import pytest
 import trio
-from peers import Peer, start_legacy, start_proxy
+from peers import Peer, open_session, start_legacy, start_proxy
 
 from pipeproxy.demo.legacy_mta import LegacyMTA
 from pipeproxy.demo.client import envelope_lines
@@ -20,15 +20,6 @@ RECIPIENTS = [f"rcpt{i}@legacy.test" for i in range(10)]
 def mta() -> LegacyMTA:
     # A short pause before each reply gives an early byte from the proxy time to land.
     return LegacyMTA(reply_delay=0.002)
-
-
-async def open_session(address) -> Peer:
-    peer = await Peer.connect(address)
-    assert (await peer.reply()).code == 220
-    await peer.send(b"EHLO client.test\r\n")
-    ehlo = await peer.reply()
-    assert "PIPELINING" in ehlo.lines
-    return peer
 
 
 async def test_the_strict_upstream_catches_a_pipelining_client(nursery, mta):
