@@ -11,11 +11,8 @@ import pytest
 import trio
 from peers import Peer, closed_port, open_session, start_legacy, start_proxy, start_upstream
 
-from pipeproxy.core.config import Config
-from pipeproxy.demo.legacy_mta import LegacyMTA
-from pipeproxy.shell.connection import Connection
-from pipeproxy.core.session import Close, ToClient, ToUpstream
 from pipeproxy.demo.client import envelope_lines
+from pipeproxy.demo.legacy_mta import LegacyMTA
 
 CLOSED = b"421 4.4.2 Upstream server closed the connection\r\n"
 UNAVAILABLE = b"421 4.4.2 Upstream server unavailable, closing connection\r\n"
@@ -231,17 +228,18 @@ async def test_upstream_garbage_gives_421(nursery):
     assert await client.rest() == BROKE
 
 
-async def test_upstream_endless_line_gives_421_with_bounded_memory(nursery):
-    """A reply line that never ends is cut off at the reply-line limit."""
+async def test_upstream_endless_reply_line_is_cut_off_at_the_reply_size_limit(nursery, autojump_clock):
+    """A reply line that never ends gets 421 "broke the protocol" once past --max-reply-size.
+
+    The upstream sends 1 MiB without a line end and then waits: a proxy that ignored the
+    limit would keep buffering and, on the jumping clock, answer "timed out" instead.
+    """
 
     async def endless(peer: Peer) -> None:
         await greet_and_ehlo(peer)
         await peer.line()
-        try:
-            while True:
-                await peer.send(b"250" + b"x" * 65536)
-        except trio.BrokenResourceError:
-            pass
+        await peer.send(b"250" + b"x" * (1 << 20))
+        await trio.sleep_forever()
 
     proxy = await start_proxy(nursery, await start_upstream(nursery, endless))
     client = await open_session(proxy)
@@ -328,19 +326,42 @@ async def test_a_client_that_half_closes_after_its_last_command_still_gets_every
     assert len(mta.messages) == 1 and mta.violations == []
 
 
-async def test_an_upstream_write_failing_still_carries_out_the_rest_and_closes(nursery):
-    """If sending upstream fails mid-list, the replies and the Close after it still happen."""
-    client_side: list[Peer] = []
+async def test_upstream_reset_while_the_proxy_is_blocked_writing_to_it_gives_421_and_closes(nursery):
+    """The upstream stops reading mid-message, so pipeproxy's write to it blocks, then resets.
 
-    async def keep(peer: Peer) -> None:
-        client_side.append(peer)
-        await trio.sleep_forever()
+    The write fails; the client must still get a 421 and the connection must close (a
+    failed write that skipped the rest of the session's work would leave it hanging).
+    The reset comes once the client's own sending has stalled: every buffer on the way
+    is full, so pipeproxy is blocked in that write.
+    """
+    stalled = trio.Event()
 
-    address = await start_upstream(nursery, keep)
-    connection = Connection(await trio.open_tcp_stream(*address), Config())
-    connection.upstream = await trio.open_tcp_stream(*address)
-    await connection.upstream.aclose()  # every send to it now fails
-    notice = b"421 4.4.2 Error: message not completed, closing connection\r\n"
-    await connection._perform([ToUpstream(b"partial"), ToClient(notice), Close("client gone", False)])
-    assert connection._closed.is_set(), "the Close was skipped: the connection would hang"
-    assert await client_side[0].line() == notice
+    async def stop_reading_then_reset(peer: Peer) -> None:
+        await greet_and_accept_envelope(peer)
+        await stalled.wait()
+        reset(peer)
+
+    proxy = await start_proxy(nursery, await start_upstream(nursery, stop_reading_then_reset))
+    client = await open_session(proxy)
+    await client.send(b"".join(envelope_lines("s@client.test", ["a@x"])))
+    assert [r.code for r in await client.replies(3)] == [250, 250, 354]
+
+    async def send_body() -> None:
+        chunk = b"line of a long body\r\n" * 3000
+        try:
+            while True:
+                with trio.move_on_after(0.5) as waiting:
+                    await client.send(chunk)
+                if waiting.cancelled_caught:
+                    stalled.set()
+                    await client.send(chunk)  # the rest of it, if the proxy ever reads again
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the proxy closed on us: expected once it gave up
+
+    async with trio.open_nursery() as senders:
+        senders.start_soon(send_body)
+        with trio.fail_after(60):  # a hang guard: a skipped Close never answers at all
+            replies = await client.rest()
+        senders.cancel_scope.cancel()
+    assert stalled.is_set()
+    assert replies.startswith(b"421 4.4.2 ") and b"250" not in replies
