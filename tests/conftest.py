@@ -14,9 +14,9 @@ from hypothesis import settings
 # Before the helpers are imported, so that their asserts explain themselves too.
 pytest.register_assert_rewrite("transcript", "peers")
 
-from peers import ProxyProcess, clean_environ, unused_port  # noqa: E402
-
 from pipeproxy.core.config import Address  # noqa: E402
+
+from peers import ProxyProcess, clean_environ, unused_port  # noqa: E402
 
 # HYPOTHESIS_PROFILE=long for a deeper search than CI's default 100 examples per test.
 settings.register_profile("long", max_examples=20_000, deadline=None)

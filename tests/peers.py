@@ -127,7 +127,9 @@ async def start_legacy(nursery: trio.Nursery, mta) -> Address:
 class JsonLog:
     """The JSON log lines a pipeproxy process writes to a pipe, read as they come."""
 
-    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+    def __init__(self, stream: trio.abc.ReceiveStream | None) -> None:
+        """``stream``: a process's stdout, as trio.Process gives it (None without a pipe)."""
+        assert stream is not None, "the process was started without stdout=subprocess.PIPE"
         self.stream = stream
         self.lines: list[dict[str, Any]] = []
         self._buffer = b""
@@ -190,7 +192,6 @@ class ProxyProcess:
     async def start(cls, upstream: Address, **variables: str) -> ProxyProcess:
         environ = clean_environ(PIPEPROXY_LISTEN=f"{LOCALHOST}:0", PIPEPROXY_UPSTREAM=str(upstream), **variables)
         process = await trio.lowlevel.open_process(PIPEPROXY, stdout=subprocess.PIPE, env=environ)
-        assert process.stdout is not None
         log = JsonLog(process.stdout)
         try:
             listening = await log.until("listening")

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 import trio
-from peers import LOCALHOST, start_legacy, unused_port
 
 from pipeproxy.demo.legacy_mta import LegacyMTA
+
+from peers import LOCALHOST, start_legacy, unused_port
 
 pytestmark = pytest.mark.container
 ROOT = Path(__file__).resolve().parent.parent

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import trio
-from peers import LOCALHOST, Peer, open_session, start_legacy
 
 from pipeproxy.core.config import Address, Config
+from pipeproxy.demo.client import envelope_lines
 from pipeproxy.demo.legacy_mta import LegacyMTA
 from pipeproxy.shell.server import Server
-from pipeproxy.demo.client import envelope_lines
+
+from peers import LOCALHOST, Peer, open_session, start_legacy
 
 SHUTTING_DOWN = b"421 4.3.2 Service shutting down, closing connection\r\n"
 

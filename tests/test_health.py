@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import trio
-from peers import LOCALHOST, PIPEPROXY, closed_port, open_session, start_legacy
 
 from pipeproxy.core.config import Address, Config
 from pipeproxy.demo.client import envelope_lines
 from pipeproxy.demo.legacy_mta import LegacyMTA
 from pipeproxy.shell.health import check, serve_health
 from pipeproxy.shell.server import Server, listen
+
+from peers import LOCALHOST, PIPEPROXY, closed_port, open_session, start_legacy
 
 
 async def test_health_is_200_while_serving_503_while_draining_and_opens_no_upstream(

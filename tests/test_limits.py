@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import trio
-from peers import Peer, open_session, start_legacy, start_proxy, start_upstream
-from transcript import CLOSED, TO_CLIENT, TO_UPSTREAM, C, U, play, play_every_way
 
 from pipeproxy.core.config import Config, Timeouts
 from pipeproxy.demo.legacy_mta import LegacyMTA
+
+from peers import Peer, open_session, start_legacy, start_proxy, start_upstream
 from test_session import GREETING, OPENED, lockstep_group
+from transcript import CLOSED, TO_CLIENT, TO_UPSTREAM, C, U, play, play_every_way
 
 SMALL = Config(max_recipients=2, max_message_size=100)
 # The session opened as in test_session, with pipeproxy's own SIZE 100 advertised.
@@ -239,4 +240,4 @@ async def test_pipelined_input_stops_being_read_at_max_pipeline_bytes_while_the_
         with trio.move_on_after(5):
             await flooded.wait()
         flooding.cancel_scope.cancel()
-    assert not flooded.is_set() and sent <= most, f"the client got {sent} octets away; pipeproxy holding {limit} allows {most}"
+    assert not flooded.is_set() and sent <= most, f"{sent} octets got away; holding {limit} allows {most}"

@@ -13,10 +13,11 @@ import resource
 
 import pytest
 import trio
-from peers import Peer, open_session, start_legacy, start_proxy
 
 from pipeproxy.demo.client import envelope_lines
 from pipeproxy.demo.legacy_mta import LegacyMTA
+
+from peers import Peer, open_session, start_legacy, start_proxy
 
 SESSIONS = int(os.environ.get("PIPEPROXY_LOAD_SESSIONS", "1000"))
 MESSAGES = int(os.environ.get("PIPEPROXY_LOAD_MESSAGES", "2"))

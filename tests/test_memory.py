@@ -7,9 +7,9 @@ the peak would hide growth. The upstream here only counts what it receives.
 
 from __future__ import annotations
 
-from peers import Peer, start_upstream
-
 from pipeproxy.demo.client import envelope_lines
+
+from peers import Peer, start_upstream
 
 MESSAGE_LINES = 50_000  # of 1,000 octets each: 50 MB
 LINE = b"x" * 998 + b"\r\n"

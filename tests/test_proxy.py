@@ -8,10 +8,11 @@ from email.message import EmailMessage
 
 import pytest
 import trio
-from peers import Peer, open_session, start_legacy, start_proxy, start_upstream
 
-from pipeproxy.demo.legacy_mta import LegacyMTA
 from pipeproxy.demo.client import envelope_lines
+from pipeproxy.demo.legacy_mta import LegacyMTA
+
+from peers import Peer, open_session, start_legacy, start_proxy, start_upstream
 
 RECIPIENTS = [f"rcpt{i}@legacy.test" for i in range(10)]
 
@@ -62,7 +63,10 @@ async def test_message_and_next_transaction_in_one_write(nursery, mta):
     await peer.send(b"second\r\n.\r\n")
     assert (await peer.reply()).code == 250
     assert mta.violations == []
-    assert [(m.sender, m.content) for m in mta.messages] == [("a@client.test", b"first\r\n"), ("b@client.test", b"second\r\n")]
+    assert [(m.sender, m.content) for m in mta.messages] == [
+        ("a@client.test", b"first\r\n"),
+        ("b@client.test", b"second\r\n"),
+    ]
 
 
 async def test_rejected_recipients_and_refused_data_keep_the_replies_honest(nursery, mta):
@@ -147,10 +151,16 @@ async def test_smtplib_sends_to_ten_recipients(nursery, mta):
 async def test_smtplib_sends_two_messages_in_one_session(nursery, mta):
     """Two transactions on one connection arrive as two messages with their own envelopes."""
     proxy = await start_proxy(nursery, await start_legacy(nursery, mta))
-    batch = [("a@client.test", ["one@legacy.test"], "first"), ("b@client.test", ["two@legacy.test", "reject@legacy.test"], "second")]
+    batch = [
+        ("a@client.test", ["one@legacy.test"], "first"),
+        ("b@client.test", ["two@legacy.test", "reject@legacy.test"], "second"),
+    ]
     refused = await trio.to_thread.run_sync(_smtplib_send, proxy.port, batch)
     assert refused[0] == {} and list(refused[1]) == ["reject@legacy.test"]
-    assert [(m.sender, m.recipients) for m in mta.messages] == [("a@client.test", ["one@legacy.test"]), ("b@client.test", ["two@legacy.test"])]
+    assert [(m.sender, m.recipients) for m in mta.messages] == [
+        ("a@client.test", ["one@legacy.test"]),
+        ("b@client.test", ["two@legacy.test"]),
+    ]
     assert b"Subject: second" in mta.messages[1].content
     assert mta.violations == []
 

@@ -11,12 +11,13 @@ shows the smuggled message gets through there, so each case can fail.
 from __future__ import annotations
 
 import pytest
-from peers import Peer, start_legacy, start_proxy
 
 from pipeproxy.core.config import Address, BareLineEndings
 from pipeproxy.core.wire import Reply
-from pipeproxy.demo.legacy_mta import LegacyMTA
 from pipeproxy.demo.client import envelope_lines
+from pipeproxy.demo.legacy_mta import LegacyMTA
+
+from peers import Peer, start_legacy, start_proxy
 
 # From the SEC Consult research and the scanners that followed it; each would end the
 # message early on some MTA.
@@ -24,7 +25,10 @@ VARIANTS = [
     b"\n.\n", b"\n.\r\n", b"\r\n.\n", b"\r.\r", b"\r.\r\n", b"\r\n.\r", b"\n.\r", b"\r.\n",
     b"\r\n\x00.\r\n", b"\r\n.\x00\r\n", b"\n.\x00\n", b"\r\n.\r\r\n", b"\r\r\n.\r\r\n", b"\n\n.\n\n",
 ]
-SMUGGLED = b"MAIL FROM:<smuggled@evil.test>\r\nRCPT TO:<victim@legacy.test>\r\nDATA\r\nSubject: smuggled\r\n\r\nforged\r\n"
+SMUGGLED = (
+    b"MAIL FROM:<smuggled@evil.test>\r\nRCPT TO:<victim@legacy.test>\r\nDATA\r\n"
+    b"Subject: smuggled\r\n\r\nforged\r\n"
+)
 
 
 def payload(variant: bytes) -> bytes:
@@ -98,7 +102,9 @@ async def test_strictly_framed_content_that_merely_looks_odd_is_delivered_as_is(
     assert mta.messages[0].content == b"a\r\n.\r\n\r\n..x\r\n"
 
 
-@pytest.mark.parametrize("line", [b"MAIL FROM:<a@client.test>\nRCPT TO:<x@legacy.test>\r\n", b"NOOP\rRSET\r\n", b"NOOP\x00\r\n"])
+@pytest.mark.parametrize(
+    "line", [b"MAIL FROM:<a@client.test>\nRCPT TO:<x@legacy.test>\r\n", b"NOOP\rRSET\r\n", b"NOOP\x00\r\n"]
+)
 async def test_bare_line_endings_in_commands_never_reach_the_lenient_upstream(nursery, line):
     """The lenient upstream would read two commands in each; it sees none of these lines."""
     mta = LegacyMTA(lenient=True)

@@ -16,6 +16,7 @@ processes can listen on one port and the kernel spreads connections between them
 
 from __future__ import annotations
 
+import contextlib
 import socket
 
 import structlog
@@ -23,8 +24,8 @@ import trio
 
 from ..core import proxy_protocol
 from ..core.config import Address, Config
-from .connection import Connection
 from ..core.wire import reply
+from .connection import Connection
 
 # Connections can arrive in bursts (PEERS.md: socat's backlog of 5 dropped SYNs);
 # the kernel caps this at its somaxconn.
@@ -126,7 +127,9 @@ class Server:
                 client, early = await _read_proxy_header(stream)
             except (ValueError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as error:
                 peer = stream.socket.getpeername()
-                self._log.warning("bad PROXY header, closing", peer=str(Address(*peer[:2])), error=str(error) or "timeout")
+                self._log.warning(
+                    "bad PROXY header, closing", peer=str(Address(*peer[:2])), error=str(error) or "timeout"
+                )
                 await stream.aclose()
                 return
         connection = Connection(stream, self.config, client, early)
@@ -145,10 +148,8 @@ class Server:
         # At once, not a hang: the client can try again or go to another MX.
         self._log.warning("session refused: too many sessions", max_sessions=self.config.max_sessions)
         with trio.move_on_after(REFUSAL_TIMEOUT):
-            try:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await stream.send_all(TOO_MANY_SESSIONS)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
         await stream.aclose()
 
 
