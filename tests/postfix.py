@@ -8,9 +8,10 @@ PIPELINING (``smtpd_discard_ehlo_keywords``) and refuses early input
 Maildir, so a test can read what really arrived.
 
 Postfix only looks for early input after EHLO, HELO, DATA, NOOP and VRFY in an ESMTP
-session, but after every command in a HELO session (PEERS.md). ``helo_only=True`` turns
-EHLO into an unknown verb with ``smtpd_command_filter``, so clients fall back to HELO and
-every command is checked.
+session, but after every command in a HELO session (seen with Postfix 3.7.11; postconf(5)
+on ``reject_unauth_pipelining`` describes the check). ``helo_only=True`` turns EHLO into
+an unknown verb with ``smtpd_command_filter``, so clients fall back to HELO and every
+command is checked.
 """
 
 from __future__ import annotations

@@ -27,8 +27,9 @@ from ..core.config import Address, Config
 from ..core.wire import reply
 from .connection import Connection
 
-# Connections can arrive in bursts (PEERS.md: socat's backlog of 5 dropped SYNs);
-# the kernel caps this at its somaxconn.
+# Connections can arrive in bursts. With a backlog as small as socat's default of 5, a
+# burst of 20 clients had SYNs dropped, each retried only after the 1 s initial
+# retransmission timeout (RFC 6298 §2.1). The kernel caps this at net.core.somaxconn.
 BACKLOG = 4096
 TOO_MANY_SESSIONS = reply(421, "4.7.0 Error: too many sessions, try again later")
 REFUSAL_TIMEOUT = 5.0
