@@ -24,12 +24,10 @@ ROOT = Path(__file__).resolve().parent.parent
 FINDING = re.compile(r"^(?P<path>[^:\s]+\.py):\d+:")
 
 # The protocol core rewrite (core v2) and the command line's rewrite own these files.
-BEING_REWRITTEN = [
+# Those with findings today (ruff: long lines, unsorted imports; mypy: the transcript
+# helpers' untyped tuples and Optionals) are expected to fail until then.
+NOT_CLEAN_YET = [
     "pipeproxy/core/session.py",
-    "pipeproxy/core/wire.py",
-    "pipeproxy/core/ehlo.py",
-    "pipeproxy/core/config.py",
-    "pipeproxy/shell/connection.py",
     "pipeproxy/cli/main.py",
     "tests/transcript.py",
     "tests/test_session.py",
@@ -37,17 +35,12 @@ BEING_REWRITTEN = [
     "tests/test_wire.py",
     "tests/test_cli.py",
 ]
-# What they report today: long lines and unsorted imports (ruff); the test helpers'
-# untyped tuples and Optionals (mypy).
-NOT_CLEAN_YET = {
-    "pipeproxy/core/session.py",
-    "pipeproxy/cli/main.py",
-    "tests/transcript.py",
-    "tests/test_session.py",
-    "tests/test_fuzz.py",
-    "tests/test_wire.py",
-    "tests/test_cli.py",
-}
+BEING_REWRITTEN = NOT_CLEAN_YET + [
+    "pipeproxy/core/wire.py",
+    "pipeproxy/core/ehlo.py",
+    "pipeproxy/core/config.py",
+    "pipeproxy/shell/connection.py",
+]
 
 
 def run(*command: str) -> str:
