@@ -12,6 +12,7 @@ benchmark measures the real round trip with an SMTP NOOP ping-pong before using 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 
 import trio
@@ -35,10 +36,8 @@ async def _pipe(source: trio.SocketStream, sink: trio.SocketStream, delay: float
             async for due, data in receive:
                 await trio.sleep_until(due)
                 await sink.send_all(data)
-        try:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await sink.send_eof()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(read)

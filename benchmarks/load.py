@@ -85,7 +85,8 @@ def main() -> None:
     parser.add_argument("--recipients", type=int, default=5)
     parser.add_argument("--per-message-connections", action="store_true")
     args = parser.parse_args()
-    result = trio.run(run, args.server, args.concurrency, args.messages, args.recipients, not args.per_message_connections)
+    persistent = not args.per_message_connections
+    result = trio.run(run, args.server, args.concurrency, args.messages, args.recipients, persistent)
     print(json.dumps(result))
 
 

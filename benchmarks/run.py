@@ -93,7 +93,10 @@ class Services(contextlib.ExitStack):
     def legacy_mta(self) -> int:
         """pipeproxy's bundled strict legacy MTA: on trio, it holds 10,000 connections."""
         port = free_port()
-        code = "import sys, trio; from pipeproxy.demo.legacy_mta import LegacyMTA; trio.run(LegacyMTA().serve, '127.0.0.1', int(sys.argv[1]))"
+        code = (
+            "import sys, trio; from pipeproxy.demo.legacy_mta import LegacyMTA; "
+            "trio.run(LegacyMTA().serve, '127.0.0.1', int(sys.argv[1]))"
+        )
         self.start([sys.executable, "-c", code, str(port)])
         wait_listening(port)
         return port
@@ -215,7 +218,9 @@ def throughput(runs: int, scale: float) -> None:
                 for _ in range(runs):
                     for name, port in targets.items():
                         results[name].append(_load(port, concurrency, messages, persistent))
-                medians = {name: sorted(rs, key=lambda r: r["per_second"])[len(rs) // 2] for name, rs in results.items()}
+                medians = {
+                    name: sorted(rs, key=lambda r: r["per_second"])[len(rs) // 2] for name, rs in results.items()
+                }
                 for name, result in medians.items():
                     ratio = result["per_second"] / medians["socat"]["per_second"]
                     mode = "persistent" if persistent else "conn/message"
@@ -284,7 +289,9 @@ def memory(scale: float) -> None:
             count = min(int(wanted * scale), (soft - 200) // 2)
             proxy, process = services.pipeproxy(upstream)
             per_session = trio.run(_hold_sessions, proxy, count, process.pid)
-            limited = f" (wanted {int(wanted * scale)}: the file descriptor limit here is {soft})" if count < wanted * scale else ""
+            limited = ""
+            if count < wanted * scale:
+                limited = f" (wanted {int(wanted * scale)}: the file descriptor limit here is {soft})"
             print(f"   {count:>6} idle sessions: {per_session:.1f} kB per session{limited}")
         proxy, process = services.pipeproxy(upstream)
         before = _status_kb(process.pid, "VmHWM")

@@ -1,20 +1,60 @@
-"""Shared test set-up: assertion rewriting for the helpers, hypothesis profiles, and
-the private Postfix instances (session-wide: starting one takes a few seconds)."""
+"""Shared test set-up: assertion rewriting for the helpers, hypothesis profiles, the
+fixtures most socket tests need (a free port, a clean environment, pipeproxy processes),
+and the private Postfix instances (session-wide: starting one takes a few seconds)."""
 
 import os
 import shutil
 import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 from hypothesis import settings
 
+# Before the helpers are imported, so that their asserts explain themselves too.
 pytest.register_assert_rewrite("transcript", "peers")
+
+from pipeproxy.core.config import Address  # noqa: E402
+
+from peers import ProxyProcess, clean_environ, unused_port  # noqa: E402
 
 # HYPOTHESIS_PROFILE=long for a deeper search than CI's default 100 examples per test.
 settings.register_profile("long", max_examples=20_000, deadline=None)
 settings.register_profile("default", deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A port on 127.0.0.1 with nothing listening on it."""
+    return unused_port()
+
+
+@pytest.fixture
+def clean_env() -> dict[str, str]:
+    """os.environ without PIPEPROXY_* variables: the caller's settings must not leak in."""
+    return clean_environ()
+
+
+StartProxyProcess = Callable[..., Awaitable[ProxyProcess]]
+
+
+@pytest.fixture
+async def pipeproxy_process() -> AsyncIterator[StartProxyProcess]:
+    """Starts ``python -m pipeproxy`` processes: ``await pipeproxy_process(upstream, PIPEPROXY_X="…")``.
+
+    Each listens on a free port of 127.0.0.1 and is configured by PIPEPROXY_* variables
+    only; its JSON log is captured. Whatever the test leaves running is stopped here.
+    """
+    started: list[ProxyProcess] = []
+
+    async def start(upstream: Address, **variables: str) -> ProxyProcess:
+        started.append(await ProxyProcess.start(upstream, **variables))
+        return started[-1]
+
+    yield start
+    for process in started:
+        await process.stop()
 
 
 @pytest.fixture(scope="session")

@@ -8,9 +8,10 @@ PIPELINING (``smtpd_discard_ehlo_keywords``) and refuses early input
 Maildir, so a test can read what really arrived.
 
 Postfix only looks for early input after EHLO, HELO, DATA, NOOP and VRFY in an ESMTP
-session, but after every command in a HELO session (PEERS.md). ``helo_only=True`` turns
-EHLO into an unknown verb with ``smtpd_command_filter``, so clients fall back to HELO and
-every command is checked.
+session, but after every command in a HELO session (seen with Postfix 3.7.11; postconf(5)
+on ``reject_unauth_pipelining`` describes the check). ``helo_only=True`` turns EHLO into
+an unknown verb with ``smtpd_command_filter``, so clients fall back to HELO and every
+command is checked.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+
+from peers import unused_port
 
 MASTER_CF = """\
 {listen} inet n - n - - smtpd
@@ -77,17 +80,11 @@ smtpd_data_restrictions = reject_unauth_pipelining
 """
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class PrivatePostfix:
     def __init__(self, root: Path, *, helo_only: bool) -> None:
         self.root = root
         self.config_dir = root / "etc"
-        self.port = free_port()
+        self.port = unused_port()
         self.helo_only = helo_only
 
     @property

@@ -1,7 +1,7 @@
 """The sidecar image, built and run for real with podman (rootful, --network=host).
 
-Skips only where podman cannot run at all; .ci/setup prepares it with
-../shared/container/prepare-podman. The image is built from docker/Dockerfile, started
+Skips only where podman cannot run at all (.ci/setup prepares it where the machine
+provides a way to). The image is built from docker/Dockerfile, started
 in front of the strict legacy MTA on 127.0.0.1, sent a pipelined message by swaks,
 health-checked with `podman healthcheck run`, and stopped with `podman stop`.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import uuid
@@ -18,9 +17,10 @@ from pathlib import Path
 
 import pytest
 import trio
-from peers import LOCALHOST, start_legacy
 
 from pipeproxy.demo.legacy_mta import LegacyMTA
+
+from peers import LOCALHOST, start_legacy, unused_port
 
 pytestmark = pytest.mark.container
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,17 +30,11 @@ RECIPIENTS = [f"user{i}@legacy.test" for i in range(1, 11)]
 
 def podman_unavailable() -> str | None:
     if shutil.which("podman") is None:
-        return "podman is not installed (.ci/setup runs ../shared/container/prepare-podman)"
+        return "podman is not installed (.ci/setup installs it where the machine can run it)"
     info = subprocess.run(["podman", "info"], capture_output=True, text=True, timeout=120)
     if info.returncode != 0:
         return f"podman cannot run here: {info.stderr.strip().splitlines()[-1:]}"
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOCALHOST, 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +55,7 @@ async def podman(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 async def test_the_image_proxies_checks_health_and_drains_on_stop(nursery, image):
     mta = LegacyMTA(reply_delay=0.002)
     upstream = await start_legacy(nursery, mta)
-    port, health = free_port(), free_port()
+    port, health = unused_port(), unused_port()
     name = f"pipeproxy-test-{uuid.uuid4().hex[:8]}"
     await podman(
         "run", "-d", "--name", name, "--network=host",

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-
 import pytest
 import trio
-from peers import LOCALHOST, JsonLog, Peer, start_legacy
 
 from pipeproxy.core.config import Address, Config
+from pipeproxy.demo.client import envelope_lines
 from pipeproxy.demo.legacy_mta import LegacyMTA
 from pipeproxy.shell.server import Server
-from pipeproxy.demo.client import envelope_lines
+
+from peers import LOCALHOST, Peer, open_session, start_legacy
 
 SHUTTING_DOWN = b"421 4.3.2 Service shutting down, closing connection\r\n"
 
@@ -26,10 +22,7 @@ async def start_server(nursery, upstream: Address) -> tuple[Server, Address]:
 
 
 async def into_data(address: Address) -> Peer:
-    client = await Peer.connect(address)
-    await client.reply()
-    await client.send(b"EHLO client.test\r\n")
-    await client.reply()
+    client = await open_session(address)
     await client.send(b"".join(envelope_lines("s@client.test", ["r@legacy.test"])))
     assert [r.code for r in await client.replies(3)] == [250, 250, 354]
     return client
@@ -71,55 +64,35 @@ async def test_after_the_grace_period_unfinished_messages_get_421_and_are_not_de
     assert mta.messages == []
 
 
-def environment(**variables: str) -> dict[str, str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("PIPEPROXY_")}
-    return {**environ, **variables}
-
-
-async def test_sigterm_drains_a_process_and_it_exits_0(nursery):
+async def test_sigterm_drains_a_process_and_it_exits_0(nursery, pipeproxy_process):
     """A message in DATA when SIGTERM arrives is delivered whole; the process then exits 0."""
     mta = LegacyMTA(reply_delay=0.002)
-    upstream = await start_legacy(nursery, mta)
-    env = environment(PIPEPROXY_LISTEN="127.0.0.1:0", PIPEPROXY_UPSTREAM=str(upstream))
-    process = await trio.lowlevel.open_process([sys.executable, "-m", "pipeproxy"], stdout=subprocess.PIPE, env=env)
-    log = JsonLog(process.stdout)
-    listening = await log.until("listening")
-    client = await into_data(Address.parse(listening["addresses"][0]))
+    proxy = await pipeproxy_process(await start_legacy(nursery, mta))
+    client = await into_data(proxy.address)
     await client.send(b"Subject: sigterm\r\n\r\nbefore\r\n")
-    process.send_signal(signal.SIGTERM)
-    await log.until("draining")
+    proxy.terminate()
+    await proxy.log.until("draining")
     await client.send(b"after\r\n.\r\n")
     assert await client.rest() == b"250 2.0.0 Ok: queued\r\n" + SHUTTING_DOWN
-    await log.until("stopped")
-    with trio.fail_after(10):
-        assert await process.wait() == 0
+    await proxy.log.until("stopped")
+    assert await proxy.stop() == 0
     assert mta.messages[0].content == b"Subject: sigterm\r\n\r\nbefore\r\nafter\r\n"
 
 
-async def test_two_workers_share_the_port_and_both_serve(nursery):
+async def test_two_workers_share_the_port_and_both_serve(nursery, pipeproxy_process):
     mta = LegacyMTA()
-    upstream = await start_legacy(nursery, mta)
-    env = environment(PIPEPROXY_LISTEN="127.0.0.1:0", PIPEPROXY_UPSTREAM=str(upstream), PIPEPROXY_WORKERS="2")
-    process = await trio.lowlevel.open_process([sys.executable, "-m", "pipeproxy"], stdout=subprocess.PIPE, env=env)
-    log = JsonLog(process.stdout)
-    try:
-        started = await log.until("workers started")
-        assert len(started["workers"]) == 2
-        await log.until("listening")
-        await log.until("listening")
-        address = Address(LOCALHOST, started["port"])
-        for _ in range(40):  # the kernel spreads connections by their addresses' hash
-            client = await Peer.connect(address)
-            await client.reply()
-            await client.send(b"QUIT\r\n")
-            await client.rest()
-            await client.aclose()
-        with trio.fail_after(30):
-            while len(log.events("session closed")) < 40:
-                await log.until("session closed")
-    finally:
-        process.send_signal(signal.SIGTERM)
-        with trio.fail_after(20):
-            status = await process.wait()
-    assert status == 0
-    assert {line["worker"] for line in log.events("session open")} == {0, 1}
+    proxy = await pipeproxy_process(await start_legacy(nursery, mta), PIPEPROXY_WORKERS="2")
+    [started] = proxy.log.events("workers started")
+    assert len(started["workers"]) == 2
+    await proxy.log.until("listening")  # the second worker's; start() waited for the first
+    for _ in range(40):  # the kernel spreads connections by their addresses' hash
+        client = await Peer.connect(proxy.address)
+        await client.reply()
+        await client.send(b"QUIT\r\n")
+        await client.rest()
+        await client.aclose()
+    with trio.fail_after(30):
+        while len(proxy.log.events("session closed")) < 40:
+            await proxy.log.until("session closed")
+    assert await proxy.stop() == 0
+    assert {line["worker"] for line in proxy.log.events("session open")} == {0, 1}

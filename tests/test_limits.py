@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-import trio
-from peers import Peer, start_legacy, start_proxy
-from transcript import CLOSED, RECONNECTED, TO_CLIENT, TO_UPSTREAM, C, U, play, play_every_way
+from pathlib import Path
 
-from pipeproxy.core.events import ClientData, Drain, ShutDown, Tick, UpstreamData
+import trio
+
 from pipeproxy.core.config import Config, Timeouts
+from pipeproxy.core.events import ClientData, Tick
 from pipeproxy.demo.legacy_mta import LegacyMTA
+
+from peers import Peer, open_session, start_legacy, start_proxy, start_upstream
 from test_session import GREETING, OPENED, lockstep_group
+from transcript import CLOSED, RECONNECTED, TO_CLIENT, TO_UPSTREAM, C, U, play, play_every_way
 
 SMALL = Config(max_recipients=2, max_message_size=100)
 # The session opened as in test_session, with pipeproxy's own SIZE 100 advertised.
@@ -138,7 +141,7 @@ def test_content_trickled_a_byte_a_minute_is_cut_off_by_the_minimum_rate():
     trickle(run, b"\r\n" * 100, every=60)
     assert run.new_client_bytes() == b"421 4.4.2 Error: message not completed, closing connection\r\n"
     assert run.closed is not None and run.clock.now - started < 2 * Timeouts().data_block
-    assert b"." * 2 not in run.new_upstream_bytes()
+    assert b"\r\n.\r\n" not in b"".join(run.upstream_writes), "the cut-off message was completed upstream"
 
 
 def test_a_silent_client_mid_message_is_cut_off_by_the_block_timeout():
@@ -193,3 +196,57 @@ async def test_slowloris_in_data_over_sockets_gets_421_and_nothing_is_delivered(
     nursery.start_soon(drip)
     assert await client.rest() == b"421 4.4.2 Error: message not completed, closing connection\r\n"
     assert mta.messages == []
+
+
+# More than pipeproxy reads at once (64 KiB today), whatever the shell's read size becomes.
+ONE_READ = 1 << 20
+
+
+def kernel_buffers_max() -> int:
+    """The most one direction of a loopback connection can hold in the kernel: the
+    sender's buffer and the receiver's, at their autotuning maxima (tcp_wmem, tcp_rmem)."""
+    rmem = int(Path("/proc/sys/net/ipv4/tcp_rmem").read_text().split()[2])
+    wmem = int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
+    return rmem + wmem
+
+
+async def test_pipelined_input_stops_being_read_at_max_pipeline_bytes_while_the_upstream_is_slow(nursery):
+    """A client floods NOOPs while the upstream sits on the first: pipeproxy stops reading.
+
+    All the client can get rid of is what pipeproxy holds (the bound, and less than
+    ONE_READ in the read under way) plus what the kernel buffers between them take. A proxy that kept reading
+    would take the whole flood, which is larger than that by a margin, without an answer.
+    The wait for the flood to finish is only how long it gets to show that.
+    """
+    limit = 64 * 1024
+    most = limit + ONE_READ + kernel_buffers_max()
+    flood = b"NOOP\r\n" * ((most + (8 << 20)) // 6)
+    stalled = trio.Event()
+
+    async def stalled_upstream(peer: Peer) -> None:
+        await peer.send(b"220 legacy.test\r\n")
+        assert await peer.line() == b"EHLO client.test\r\n"
+        await peer.send(b"250 legacy.test\r\n")
+        assert await peer.line() == b"NOOP\r\n"
+        stalled.set()
+        await trio.sleep_forever()
+
+    proxy = await start_proxy(nursery, await start_upstream(nursery, stalled_upstream), max_pipeline_bytes=limit)
+    client = await open_session(proxy)
+    sent = 0
+    flooded = trio.Event()
+
+    async def send_flood() -> None:
+        nonlocal sent
+        for start in range(0, len(flood), 65536):
+            await client.send(flood[start : start + 65536])
+            sent = min(start + 65536, len(flood))
+        flooded.set()
+
+    async with trio.open_nursery() as flooding:
+        flooding.start_soon(send_flood)
+        await stalled.wait()
+        with trio.move_on_after(5):
+            await flooded.wait()
+        flooding.cancel_scope.cancel()
+    assert not flooded.is_set() and sent <= most, f"{sent} octets got away; holding {limit} allows {most}"

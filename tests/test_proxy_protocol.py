@@ -7,11 +7,12 @@ import struct
 
 import pytest
 import structlog
-from peers import Peer, start_legacy, start_proxy
 
 from pipeproxy.core import proxy_protocol
 from pipeproxy.core.config import Address
 from pipeproxy.demo.legacy_mta import LegacyMTA
+
+from peers import Peer, start_legacy, start_proxy
 
 
 def v2(command: int, family: int, payload: bytes) -> bytes:
@@ -20,8 +21,11 @@ def v2(command: int, family: int, payload: bytes) -> bytes:
 
 V2_IPV4 = v2(1, 0x11, socket.inet_pton(socket.AF_INET, "203.0.113.7") + socket.inet_pton(socket.AF_INET, "10.0.0.1")
              + struct.pack("!HH", 4242, 2525))
-V2_IPV6 = v2(1, 0x21, socket.inet_pton(socket.AF_INET6, "2001:db8::7") + socket.inet_pton(socket.AF_INET6, "2001:db8::1")
-             + struct.pack("!HH", 4242, 2525))
+V2_IPV6 = v2(
+    1, 0x21,
+    socket.inet_pton(socket.AF_INET6, "2001:db8::7") + socket.inet_pton(socket.AF_INET6, "2001:db8::1")
+    + struct.pack("!HH", 4242, 2525),
+)
 
 
 @pytest.mark.parametrize(

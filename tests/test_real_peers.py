@@ -12,11 +12,12 @@ import uuid
 
 import pytest
 import trio
-from peers import start_legacy, start_proxy
 
 from pipeproxy.core.config import Address
-from pipeproxy.demo.legacy_mta import LegacyMTA
 from pipeproxy.demo.client import envelope_lines
+from pipeproxy.demo.legacy_mta import LegacyMTA
+
+from peers import start_legacy, start_proxy
 
 pytestmark = pytest.mark.peers
 

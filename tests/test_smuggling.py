@@ -11,11 +11,13 @@ shows the smuggled message gets through there, so each case can fail.
 from __future__ import annotations
 
 import pytest
-from peers import Peer, start_legacy, start_proxy
 
-from pipeproxy.core.config import BareLineEndings
-from pipeproxy.demo.legacy_mta import LegacyMTA
+from pipeproxy.core.config import Address, BareLineEndings
+from pipeproxy.core.wire import Reply
 from pipeproxy.demo.client import envelope_lines
+from pipeproxy.demo.legacy_mta import LegacyMTA
+
+from peers import Peer, start_legacy, start_proxy
 
 # From the SEC Consult research and the scanners that followed it; each would end the
 # message early on some MTA.
@@ -23,14 +25,18 @@ VARIANTS = [
     b"\n.\n", b"\n.\r\n", b"\r\n.\n", b"\r.\r", b"\r.\r\n", b"\r\n.\r", b"\n.\r", b"\r.\n",
     b"\r\n\x00.\r\n", b"\r\n.\x00\r\n", b"\n.\x00\n", b"\r\n.\r\r\n", b"\r\r\n.\r\r\n", b"\n\n.\n\n",
 ]
-SMUGGLED = b"MAIL FROM:<smuggled@evil.test>\r\nRCPT TO:<victim@legacy.test>\r\nDATA\r\nSubject: smuggled\r\n\r\nforged\r\n"
+SMUGGLED = (
+    b"MAIL FROM:<smuggled@evil.test>\r\nRCPT TO:<victim@legacy.test>\r\nDATA\r\n"
+    b"Subject: smuggled\r\n\r\nforged\r\n"
+)
 
 
 def payload(variant: bytes) -> bytes:
     return b"Subject: first\r\n\r\nfirst body" + variant + SMUGGLED + b".\r\n"
 
 
-async def send_message(address, content: bytes) -> list:
+async def send_message(address: Address, content: bytes) -> tuple[Reply, Peer]:
+    """One transaction in lock-step, ``content`` as its message: the reply to it, and the client."""
     client = await Peer.connect(address)
     await client.reply()
     await client.send(b"HELO client.test\r\n")
@@ -39,13 +45,13 @@ async def send_message(address, content: bytes) -> list:
         await client.send(line)
         await client.reply()
     await client.send(content)
-    replies = [await client.reply()]
-    try:
-        await client.send(b"QUIT\r\n")
-        replies.append(await client.reply())
-    except (EOFError, Exception):
-        pass  # the proxy may have ended the session after a refusal
-    return replies
+    return await client.reply(), client
+
+
+async def quit_session(client: Peer) -> None:
+    """QUIT, answered with 221: the session went on normally after the message."""
+    await client.send(b"QUIT\r\n")
+    assert (await client.reply()).code == 221
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=repr)
@@ -54,7 +60,9 @@ async def test_control_the_lenient_upstream_is_vulnerable(nursery, variant):
     the variant ends the first message early: the forged one is smuggled in, or the
     first is cut short."""
     mta = LegacyMTA(lenient=True, enforce_sync=False)
-    await send_message(await start_legacy(nursery, mta), payload(variant))
+    _, client = await send_message(await start_legacy(nursery, mta), payload(variant))
+    await client.send(b"QUIT\r\n")
+    await client.rest()  # the upstream has answered everything, the smuggled part included
     smuggled = mta.commands.count("MAIL") > 1
     truncated = not mta.messages or b"smuggled" not in mta.messages[0].content
     assert smuggled or truncated
@@ -64,8 +72,9 @@ async def test_control_the_lenient_upstream_is_vulnerable(nursery, variant):
 async def test_neutralised_variant_arrives_inside_the_one_message(nursery, variant):
     mta = LegacyMTA(lenient=True)
     proxy = await start_proxy(nursery, await start_legacy(nursery, mta))
-    replies = await send_message(proxy, payload(variant))
-    assert replies[0].code == 250
+    reply, client = await send_message(proxy, payload(variant))
+    assert reply.code == 250
+    await quit_session(client)
     assert mta.commands.count("MAIL") == 1
     [message] = mta.messages
     assert b"MAIL FROM:<smuggled@evil.test>" in message.content
@@ -76,8 +85,9 @@ async def test_neutralised_variant_arrives_inside_the_one_message(nursery, varia
 async def test_rejected_variant_gets_550_and_nothing_is_delivered(nursery, variant):
     mta = LegacyMTA(lenient=True)
     proxy = await start_proxy(nursery, await start_legacy(nursery, mta), bare_line_endings=BareLineEndings.REJECT)
-    replies = await send_message(proxy, payload(variant))
-    assert replies[0].code == 550
+    reply, client = await send_message(proxy, payload(variant))
+    assert reply.code == 550
+    assert await client.rest() == b"", "after a 550 for smuggling the session ends, as README says"
     assert mta.commands.count("MAIL") == 1
     assert mta.messages == []
 
@@ -86,12 +96,15 @@ async def test_strictly_framed_content_that_merely_looks_odd_is_delivered_as_is(
     """No false alarm: dots, blank lines and a dot-stuffed '.' line pass untouched."""
     mta = LegacyMTA(lenient=True)
     proxy = await start_proxy(nursery, await start_legacy(nursery, mta), bare_line_endings=BareLineEndings.REJECT)
-    replies = await send_message(proxy, b"a\r\n..\r\n\r\n...x\r\n.\r\n")
-    assert replies[0].code == 250
+    reply, client = await send_message(proxy, b"a\r\n..\r\n\r\n...x\r\n.\r\n")
+    assert reply.code == 250
+    await quit_session(client)
     assert mta.messages[0].content == b"a\r\n.\r\n\r\n..x\r\n"
 
 
-@pytest.mark.parametrize("line", [b"MAIL FROM:<a@client.test>\nRCPT TO:<x@legacy.test>\r\n", b"NOOP\rRSET\r\n", b"NOOP\x00\r\n"])
+@pytest.mark.parametrize(
+    "line", [b"MAIL FROM:<a@client.test>\nRCPT TO:<x@legacy.test>\r\n", b"NOOP\rRSET\r\n", b"NOOP\x00\r\n"]
+)
 async def test_bare_line_endings_in_commands_never_reach_the_lenient_upstream(nursery, line):
     """The lenient upstream would read two commands in each; it sees none of these lines."""
     mta = LegacyMTA(lenient=True)

@@ -14,11 +14,11 @@ from typing import TextIO
 
 import trio
 
-from ..shell import logging_setup as logs
 from ..core.config import Address, Config
-from .legacy_mta import LegacyMTA
+from ..shell import logging_setup as logs
 from ..shell.server import serve
 from .client import SMTPClient, envelope_lines
+from .legacy_mta import LegacyMTA
 
 RECIPIENTS = [f"user{i}@legacy.test" for i in range(1, 11)]
 SENDER = "demo@client.test"

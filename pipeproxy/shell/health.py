@@ -10,6 +10,7 @@ Kubernetes can use an httpGet probe on the same port.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import Callable
 
@@ -46,10 +47,9 @@ async def serve_health(
                         break
                     request += data
             healthy, text = status()
-            try:
+            # A checker that hung up early has its answer already: nobody to tell.
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await stream.send_all(response("200 OK" if healthy else "503 Service Unavailable", text))
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
 
     task_status.started()
     await trio.serve_listeners(handle, listeners)
