@@ -14,20 +14,26 @@ import sys
 
 import pytest
 import trio
-from peers import JsonLog, start_legacy
 
-from pipeproxy.cli.main import parse
 from pipeproxy.cli import options
+from pipeproxy.cli.main import parse
 from pipeproxy.core.config import Address, BareLineEndings, settings
 from pipeproxy.core.wire import DEFAULT_MAX_COMMAND_LINE
 from pipeproxy.demo.legacy_mta import LegacyMTA
 
+from peers import JsonLog, start_legacy
+
 PIPEPROXY = [sys.executable, "-m", "pipeproxy"]
+
+
+UPSTREAM = {"PIPEPROXY_UPSTREAM": "127.0.0.1:25"}
+WITH_UPSTREAM = ["--upstream", "127.0.0.1:25"]
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("PIPEPROXY_")}
-    return subprocess.run([*PIPEPROXY, *args], capture_output=True, text=True, timeout=60, env={**environ, **(env or {})})
+    environ.update(env or {})
+    return subprocess.run([*PIPEPROXY, *args], capture_output=True, text=True, timeout=60, env=environ)
 
 
 def test_help_explains_every_flag_and_its_variable():
@@ -74,22 +80,22 @@ def test_help_lists_the_subcommands_and_version_comes_from_the_package():
         (["--upstream", "999.1.1.1:25"], {}, "is not an IP address"),
         (["--upstream", "::1:25"], {}, "write an IPv6 address in brackets"),
         ([], {}, "--upstream HOST:PORT (or PIPEPROXY_UPSTREAM) is required"),
-        (["--upstream", "127.0.0.1:25", "--log-level", "loud"], {}, "invalid choice: 'loud'"),
-        (["--upstream", "127.0.0.1:25", "--timeout", "forever=1"], {}, "timeout name must be one of"),
-        (["--upstream", "127.0.0.1:25", "--timeout", "rcpt=soon"], {}, "positive number of seconds"),
-        ([], {"PIPEPROXY_UPSTREAM": "127.0.0.1:25", "PIPEPROXY_MAX_LINE_LENGTH": "big"}, "PIPEPROXY_MAX_LINE_LENGTH:"),
-        ([], {"PIPEPROXY_UPSTREAM": "127.0.0.1:25", "PIPEPROXY_LOG_FORMAT": "xml"}, "PIPEPROXY_LOG_FORMAT:"),
+        ([*WITH_UPSTREAM, "--log-level", "loud"], {}, "invalid choice: 'loud'"),
+        ([*WITH_UPSTREAM, "--timeout", "forever=1"], {}, "timeout name must be one of"),
+        ([*WITH_UPSTREAM, "--timeout", "rcpt=soon"], {}, "positive number of seconds"),
+        ([], {**UPSTREAM, "PIPEPROXY_MAX_LINE_LENGTH": "big"}, "PIPEPROXY_MAX_LINE_LENGTH:"),
+        ([], {**UPSTREAM, "PIPEPROXY_LOG_FORMAT": "xml"}, "PIPEPROXY_LOG_FORMAT:"),
         # '²'.isdigit() is True but int('²') fails: a traceback, once, from the variables.
-        ([], {"PIPEPROXY_UPSTREAM": "127.0.0.1:25", "PIPEPROXY_MAX_SESSIONS": "²"},
+        ([], {**UPSTREAM, "PIPEPROXY_MAX_SESSIONS": "²"},
          "PIPEPROXY_MAX_SESSIONS: '²' is not a positive whole number"),
-        (["--upstream", "127.0.0.1:25", "--max-sessions", "²"], {}, "argument --max-sessions: '²' is not a positive whole number"),
+        ([*WITH_UPSTREAM, "--max-sessions", "²"], {}, "argument --max-sessions: '²' is not a positive whole number"),
         (["--upstream", "127.0.0.1:²"], {}, "port must be a number"),
-        ([], {"PIPEPROXY_UPSTREAM": "127.0.0.1:25", "PIPEPROXY_GRACE_PERIOD": "nan"}, "PIPEPROXY_GRACE_PERIOD: 'nan' is not a number of seconds"),
-        (["--upstream", "127.0.0.1:25", "--grace-period", "-1"], {}, "argument --grace-period: '-1' is not a number of seconds"),
-        ([], {"PIPEPROXY_UPSTREAM": "127.0.0.1:25", "PIPEPROXY_HOLD_TIME": "soon"}, "PIPEPROXY_HOLD_TIME: 'soon' is not a number of seconds"),
-        ([], {"PIPEPROXY_UPSTREAM": "127.0.0.1:25", "PIPEPROXY_PROXY_PROTOCOL": "maybe"}, "PIPEPROXY_PROXY_PROTOCOL: invalid choice: 'maybe'"),
-        (["--upstream", "127.0.0.1:25", "--proxy-protocol", "maybe"], {}, "argument --proxy-protocol: invalid choice: 'maybe'"),
-        ([], {"PIPEPROXY_UPSTREAM": "127.0.0.1:25", "PIPEPROXY_TIMEOUTS": "rcpt=60,mail=soon"}, "PIPEPROXY_TIMEOUTS: 'mail=soon'"),
+        ([], {**UPSTREAM, "PIPEPROXY_GRACE_PERIOD": "nan"}, "PIPEPROXY_GRACE_PERIOD: 'nan' is not a number of seconds"),
+        ([*WITH_UPSTREAM, "--grace-period", "-1"], {}, "argument --grace-period: '-1' is not a number of seconds"),
+        ([], {**UPSTREAM, "PIPEPROXY_HOLD_TIME": "soon"}, "PIPEPROXY_HOLD_TIME: 'soon' is not a number of seconds"),
+        ([], {**UPSTREAM, "PIPEPROXY_PROXY_PROTOCOL": "maybe"}, "PIPEPROXY_PROXY_PROTOCOL: invalid choice: 'maybe'"),
+        ([*WITH_UPSTREAM, "--proxy-protocol", "maybe"], {}, "argument --proxy-protocol: invalid choice: 'maybe'"),
+        ([], {**UPSTREAM, "PIPEPROXY_TIMEOUTS": "rcpt=60,mail=soon"}, "PIPEPROXY_TIMEOUTS: 'mail=soon'"),
         (["demo"], {"PIPEPROXY_LOG_LEVEL": "loud"}, "PIPEPROXY_LOG_LEVEL: invalid choice: 'loud'"),
         (["health"], {}, "give --address HOST:PORT or set PIPEPROXY_HEALTH_LISTEN"),
         (["bogus"], {}, "invalid choice: 'bogus'"),
@@ -146,9 +152,9 @@ def test_variables_configure_everything_and_flags_win():
 def test_hold_time_and_line_length_reach_the_config():
     config = parse_config(["--upstream", "127.0.0.1:25"], {})
     assert (config.max_line_length, config.hold_time) == (DEFAULT_MAX_COMMAND_LINE, 1.0)
-    flagged = parse_config(["--upstream", "127.0.0.1:25", "--hold-time", "0.25", "--max-line-length", "512"], {})
+    flagged = parse_config([*WITH_UPSTREAM, "--hold-time", "0.25", "--max-line-length", "512"], {})
     assert (flagged.max_line_length, flagged.hold_time) == (512, 0.25)
-    from_env = parse_config([], {"PIPEPROXY_UPSTREAM": "127.0.0.1:25", "PIPEPROXY_HOLD_TIME": "2"})
+    from_env = parse_config([], {**UPSTREAM, "PIPEPROXY_HOLD_TIME": "2"})
     assert from_env.hold_time == 2.0
 
 
@@ -195,7 +201,10 @@ async def test_the_proxy_process_serves_ipv6_logs_json_and_stops_on_sigterm(nurs
 
 def test_stdlib_log_records_come_out_as_json():
     """trio's and other libraries' logging records share the JSON format."""
-    code = "import logging; from pipeproxy.shell import logging_setup; logging_setup.configure('json', 'info'); logging.getLogger('trio').warning('from stdlib')"
+    code = (
+        "import logging; from pipeproxy.shell import logging_setup; logging_setup.configure('json', 'info'); "
+        "logging.getLogger('trio').warning('from stdlib')"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     line = json.loads(result.stdout)
     assert (line["event"], line["level"]) == ("from stdlib", "warning")

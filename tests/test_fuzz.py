@@ -23,7 +23,6 @@ import re
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transcript import CLIENT, FakeClock
 
 from pipeproxy.core import session as core
 from pipeproxy.core.actions import Close, ConnectUpstream, DropUpstream, Log, ToClient, ToUpstream
@@ -42,6 +41,8 @@ from pipeproxy.core.events import (
 from pipeproxy.core.session import Relay, Session, transition
 from pipeproxy.core.wire import ReplyReader
 
+from transcript import CLIENT, FakeClock
+
 TOKENS = [
     b"EHLO c\r\n", b"HELO c\r\n", b"MAIL FROM:<a@b>\r\n", b"MAIL FROM:<a@b> SIZE=99999\r\n", b"RCPT TO:<c@d>\r\n",
     b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nRCPT TO:<e@f>\r\nRCPT TO:<g@h>\r\nDATA\r\n",
@@ -51,6 +52,8 @@ TOKENS = [
     # Not UTF-8: client names and addresses are octets, and must never crash the session.
     b"EHLO caf\xe9.test\r\n", b"HELO \xff\xfe\r\n", b"MAIL FROM:<\xe9@x> SIZE=\xd9\xa3\r\n", b"\xc3\r\n", b"\x80",
 ]
+GREETINGS = [220, 220, 421, 554]
+EVENTS = ["drain", "shut_down"]
 CODES = [250, 250, 250, 251, 354, 334, 221, 421, 450, 500, 502, 550, 554]
 CONFIGS = [
     Config(),
@@ -120,7 +123,7 @@ class ModelUpstream:
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=["defaults", "strict-limits", "tiny-buffers"])
-@settings(max_examples=max(settings.default.max_examples, 1000))
+@settings(max_examples=max(settings().max_examples, 1000))
 @given(data=st.data())
 def test_any_conversation_keeps_the_proxys_promises(data, config):
     clock = FakeClock()
@@ -168,13 +171,13 @@ def test_any_conversation_keeps_the_proxys_promises(data, config):
             break
         upstream = connections[-1]
         move = data.draw(
-            st.sampled_from(["client"] * 4 + ["upstream"] * 4 + ["client_eof", "upstream_eof", "timeout", "drain", "shut_down"])
+            st.sampled_from(["client"] * 4 + ["upstream"] * 4 + ["client_eof", "upstream_eof", "timeout", *EVENTS])
         )
         if move == "client" and not client_gone:
             payload = b"".join(data.draw(st.lists(st.sampled_from(TOKENS), min_size=1, max_size=8)))
             feed_in_pieces(ClientData, payload)
         elif move == "upstream" and (upstream.awaiting_reply or not upstream.greeted):
-            code = data.draw(st.sampled_from([220, 220, 421, 554])) if not upstream.greeted else data.draw(st.sampled_from(CODES))
+            code = data.draw(st.sampled_from(CODES if upstream.greeted else GREETINGS))
             seq += 1
             lines = data.draw(st.integers(1, 3))
             # The seq goes on the first line: the one an EHLO reply keeps whatever else changes.
@@ -201,12 +204,12 @@ def test_any_conversation_keeps_the_proxys_promises(data, config):
     reader = ReplyReader(max_size=1 << 20)
     reader.feed(bytes(client_bytes))
     seen: list[int] = []
-    while (reply := reader.next_reply()) is not None:
-        found = SEQ.search(" ".join(reply.lines))
+    while (answer := reader.next_reply()) is not None:
+        found = SEQ.search(" ".join(answer.lines))
         if found:
             seen.append(int(found[1]))
         else:
-            assert reply.code >= 400, f"a success the upstream never gave: {reply}"
+            assert answer.code >= 400, f"a success the upstream never gave: {answer}"
     assert not reader.pending(), f"half a reply sent to the client: {bytes(client_bytes)!r}"
     assert seen == sorted(seen) and len(set(seen)) == len(seen), "replies out of order or repeated"
     assert set(seen) <= set(upstream_seqs)

@@ -6,7 +6,8 @@ is about write boundaries, which only a whole feed fixes.
 
 from __future__ import annotations
 
-import dataclasses
+from pipeproxy.core.config import BareLineEndings, Config, Timeouts
+from pipeproxy.core.events import ClientData, Drain, ShutDown, UpstreamData
 
 from transcript import (
     CLIENT_EOF,
@@ -24,9 +25,6 @@ from transcript import (
     play_every_way,
     whole,
 )
-
-from pipeproxy.core.events import ClientData, Drain, ShutDown, Tick, UpstreamData
-from pipeproxy.core.config import BareLineEndings, Config, Timeouts
 
 GREETING = [(U, b"220 legacy.test ESMTP\r\n"), (TO_CLIENT, b"220 legacy.test ESMTP\r\n")]
 EHLO = [
@@ -530,7 +528,8 @@ def test_idle_client_timeout_gives_421_and_closes():
 
 def test_unprompted_421_from_upstream_is_relayed_and_closes():
     """An upstream shutting down says 421 out of turn: the client hears it, then EOF."""
-    play_every_way(OPENED + [(U, b"421 4.3.2 Shutting down\r\n"), (TO_CLIENT, b"421 4.3.2 Shutting down\r\n"), (CLOSED,)])
+    notice = b"421 4.3.2 Shutting down\r\n"
+    play_every_way(OPENED + [(U, notice), (TO_CLIENT, notice), (CLOSED,)])
 
 
 def test_upstream_421_reply_is_relayed_and_queued_commands_get_421():
@@ -541,7 +540,10 @@ def test_upstream_421_reply_is_relayed_and_queued_commands_get_421():
             (C, b"MAIL FROM:<s@client.test>\r\nRCPT TO:<a@legacy.test>\r\n"),
             (TO_UPSTREAM, b"MAIL FROM:<s@client.test>\r\n"),
             (U, b"421 4.7.0 Too many connections\r\n"),
-            (TO_CLIENT, b"421 4.7.0 Too many connections\r\n421 4.4.2 Upstream server unavailable, closing connection\r\n"),
+            (
+                TO_CLIENT,
+                b"421 4.7.0 Too many connections\r\n421 4.4.2 Upstream server unavailable, closing connection\r\n",
+            ),
             (CLOSED,),
         ]
     )

@@ -7,6 +7,10 @@ Each test names the behaviour it checks; the ones marked "old code" failed befor
 
 from __future__ import annotations
 
+from pipeproxy.core.config import Config
+from pipeproxy.core.events import ClientData, Tick, UpstreamData
+from pipeproxy.core.session import Session
+
 from test_session import GREETING, OPENED, lockstep_group, rcpts
 from transcript import (
     CLIENT_WRITE_FAILED,
@@ -22,10 +26,6 @@ from transcript import (
     play_every_way,
     start,
 )
-
-from pipeproxy.core.config import Config
-from pipeproxy.core.events import ClientData, Tick, UpstreamData
-from pipeproxy.core.session import Session
 
 SHUTTING_DOWN = b"421 4.3.2 Service shutting down, closing connection\r\n"
 
@@ -47,7 +47,7 @@ def test_a_non_utf8_ehlo_name_falls_back_to_helo_with_the_clients_octets():
 
 
 class _BuggyGreeting(Session):
-    def _then_greeting(self, pending, upstream_reply):  # type: ignore[no-untyped-def]
+    def _then_greeting(self, pending, upstream_reply):
         raise RuntimeError("a bug in a step")
 
 
@@ -86,7 +86,7 @@ def test_a_failed_write_to_the_client_logs_the_open_transaction_and_never_ends_t
             (CLOSED,),
         ]
     )
-    assert not run.closed.clean
+    assert run.closed is not None and not run.closed.clean
     # Later events are ignored: nothing more is written anywhere.
     run.feed(UpstreamData(b"250 2.0.0 queued\r\n"))
     run.feed(ClientData(b".\r\n"))
@@ -94,7 +94,8 @@ def test_a_failed_write_to_the_client_logs_the_open_transaction_and_never_ends_t
 
 
 def test_the_core_writes_the_session_open_and_closed_lines():
-    run = play(OPENED + [(C, b"QUIT\r\n"), (TO_UPSTREAM, b"QUIT\r\n"), (U, b"221 Bye\r\n"), (TO_CLIENT, b"221 Bye\r\n")])
+    quit_ = [(C, b"QUIT\r\n"), (TO_UPSTREAM, b"QUIT\r\n"), (U, b"221 Bye\r\n"), (TO_CLIENT, b"221 Bye\r\n")]
+    run = play(OPENED + quit_)
     assert run.logs[0].event == "session open"
     [closed] = run.events("session closed")
     assert closed == {"reason": "client quit", "duration": 0.0, "commands": 2, "messages": 0}
@@ -263,7 +264,7 @@ def test_a_reply_nobody_asked_for_is_never_passed_on():
             (CLOSED,),
         ]
     )
-    assert not run.closed.clean
+    assert run.closed is not None and not run.closed.clean
 
 
 def test_client_input_beyond_the_pipeline_bound_leaves_no_room_to_read():

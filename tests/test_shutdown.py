@@ -12,11 +12,12 @@ from __future__ import annotations
 import socket
 
 import trio
-from peers import LOCALHOST, Peer, start_legacy
 
 from pipeproxy.core.config import Address, Config
 from pipeproxy.demo.legacy_mta import LegacyMTA
 from pipeproxy.shell.server import FINAL_CLOSE_TIMEOUT, Server
+
+from peers import LOCALHOST, Peer, start_legacy
 
 SHUTTING_DOWN = b"421 4.3.2 Service shutting down, closing connection\r\n"
 GRACE = 30.0

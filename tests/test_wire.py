@@ -17,7 +17,9 @@ from pipeproxy.core.ehlo import rewrite_ehlo
 from pipeproxy.core.wire import ClientError, ClientInput, Reply, ReplyReader, Stuffer, Unstuffer, UpstreamError, mailbox
 
 # Bytes that matter to framing, mixed with ordinary text, so examples hit the edges.
-FRAMING = st.lists(st.sampled_from([b"\r\n", b"\r", b"\n", b".", b"\x00", b"a", b"MAIL FROM:<x@y>", b" "]), max_size=40).map(b"".join)
+FRAMING = st.lists(
+    st.sampled_from([b"\r\n", b"\r", b"\n", b".", b"\x00", b"a", b"MAIL FROM:<x@y>", b" "]), max_size=40
+).map(b"".join)
 
 
 def cuts(data: bytes, points: list[int]) -> list[bytes]:
@@ -34,12 +36,12 @@ class Reframed:
     rest: list[bytes | str]  # the command lines after the end (or why one was refused)
 
 
-def reframe(data: bytes, pieces_at: list[int] = (), reject: bool = False) -> Reframed:
+def reframe(data: bytes, pieces_at: list[int] | None = None, reject: bool = False) -> Reframed:
     """Feed ``data`` in pieces as the session does: one client buffer, read as content
     until its end, then as command lines."""
     client, unstuffer, stuffer = ClientInput(), Unstuffer(), Stuffer(reject_bare=reject)
     out = b""
-    for piece in cuts(data, list(pieces_at)):
+    for piece in cuts(data, pieces_at or []):
         client.feed(piece)
         if not unstuffer.done:
             out += stuffer.frame(client.read_content(unstuffer))
@@ -61,7 +63,10 @@ def client_stuffed(content: bytes) -> bytes:
     return re.sub(rb"(?m)^\.", b"..", content) + b".\r\n"
 
 
-@given(st.lists(st.sampled_from([b"", b".", b"..", b"text", b". dot", b"x.y"]), max_size=12), st.lists(st.integers(0, 500)))
+@given(
+    st.lists(st.sampled_from([b"", b".", b"..", b"text", b". dot", b"x.y"]), max_size=12),
+    st.lists(st.integers(0, 500)),
+)
 def test_correct_clients_content_passes_unchanged_whatever_the_cuts(lines, points):
     content = b"".join(line + b"\r\n" for line in lines)
     sent = client_stuffed(content)
@@ -133,8 +138,8 @@ def test_empty_message_and_client_dot_stuffing():
     assert reframe(b"...x\r\n.\r\n").out == b"...x\r\n.\r\n"
 
 
-def lines_of(reader: ClientInput, data: bytes, pieces: list[bytes]) -> list:
-    results = []
+def lines_of(reader: ClientInput, data: bytes, pieces: list[bytes]) -> list[bytes | str]:
+    results: list[bytes | str] = []
     for piece in pieces:
         reader.feed(piece)
         while True:
@@ -149,8 +154,10 @@ def lines_of(reader: ClientInput, data: bytes, pieces: list[bytes]) -> list:
     return results
 
 
-@given(st.lists(st.sampled_from([b"NOOP", b"\r\n", b"\n", b"\r", b"x" * 300, b"\x00", b"AUTH PLAIN " + b"A" * 600]), max_size=12).map(b"".join),
-       st.lists(st.integers(0, 5000)))
+COMMAND_TOKENS = [b"NOOP", b"\r\n", b"\n", b"\r", b"x" * 300, b"\x00", b"AUTH PLAIN " + b"A" * 600]
+
+
+@given(st.lists(st.sampled_from(COMMAND_TOKENS), max_size=12).map(b"".join), st.lists(st.integers(0, 5000)))
 def test_command_lines_are_the_same_whatever_the_cuts_and_stay_bounded(data, points):
     whole = lines_of(ClientInput(), data, [data])
     reader = ClientInput()

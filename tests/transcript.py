@@ -168,7 +168,8 @@ class Run:
             index = self._next_data()
             assert index is not None, f"expected {kind} bytes {data!r}, got only {got!r}"
             entry_kind, payload = self.timeline[index]
-            assert entry_kind == kind, f"expected {kind} bytes {data[len(got):]!r} next, but the {entry_kind} got {payload!r}"
+            wanted = data[len(got) :]
+            assert entry_kind == kind, f"expected {kind} bytes {wanted!r} next; the {entry_kind} got {payload!r}"
             got += payload
             self._cursor = index + 1
         assert got == data
@@ -237,12 +238,10 @@ def play(steps: Sequence[Step], config: Config | None = None, cut: Cutter = whol
             if strict:
                 run.expect_data("upstream", step[1])
         elif kind == LOG:
-            fields = step[2] if len(step) > 2 else {}
-            run.find_log(step[1], fields)
+            name, fields = step[1], step[2] if len(step) > 2 else {}
+            run.find_log(name, fields)
             if strict:
-                run.expect_inline(
-                    "log", lambda log: log.event == step[1] and fields.items() <= log.fields.items(), f"log {step[1]!r}"
-                )
+                run.expect_inline("log", _log_matcher(name, fields), f"log {name!r}")
         elif kind == RECONNECTED:
             kinds = [entry[0] for entry in run.timeline]
             assert "drop" in kinds and "connect" in kinds[kinds.index("drop") :], "no reconnection"
@@ -259,6 +258,10 @@ def play(steps: Sequence[Step], config: Config | None = None, cut: Cutter = whol
     assert run.new_client_bytes() == b"", "unchecked bytes to the client"
     assert run.new_upstream_bytes() == b"", "unchecked bytes to the upstream"
     return run
+
+
+def _log_matcher(name: str, fields: dict[str, Any]) -> Callable[[Log], bool]:
+    return lambda log: log.event == name and fields.items() <= log.fields.items()
 
 
 def splits(steps: Sequence[Step]) -> Iterator[tuple[int, int]]:

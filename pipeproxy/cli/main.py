@@ -68,7 +68,8 @@ COMMANDS = {
 def build_parser() -> _Parser:
     parser = _Parser(
         prog="pipeproxy",
-        usage="%(prog)s [serve] [OPTIONS]\n       %(prog)s demo [OPTIONS]\n       %(prog)s health [--address HOST:PORT]",
+        usage="%(prog)s [serve] [OPTIONS]\n       %(prog)s demo [OPTIONS]\n"
+        "       %(prog)s health [--address HOST:PORT]",
         description="SMTP proxy that gives a legacy MTA PIPELINING: clients pipeline, the upstream sees one "
         "command at a time. Without a command it serves, with the options below.",
         epilog=ENVIRONMENT,
@@ -78,7 +79,9 @@ def build_parser() -> _Parser:
     options.add_flags(parser, COMMANDS["serve"].settings)
     commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
     for name, command in COMMANDS.items():
-        sub = commands.add_parser(name, prog=f"pipeproxy {name}", help=command.help, description=command.description, epilog=ENVIRONMENT)
+        sub = commands.add_parser(
+            name, prog=f"pipeproxy {name}", help=command.help, description=command.description, epilog=ENVIRONMENT
+        )
         if name == "health":
             # The health_listen setting, under the flag name it has always had here.
             endpoint = settings()["health_listen"][0]

@@ -182,6 +182,8 @@ REFUSED = {
 UNAVAILABLE = reply(421, "4.4.2 Upstream server unavailable, closing connection")
 SHUTTING_DOWN = reply(421, "4.3.2 Service shutting down, closing connection")
 INTERNAL_ERROR = reply(421, "4.3.0 Error: internal error, closing connection")
+NOT_COMPLETED = reply(421, "4.4.2 Error: message not completed, closing connection")
+UPSTREAM_TIMED_OUT = reply(421, "4.4.2 Upstream server timed out, closing connection")
 TOO_MANY_RECIPIENTS = reply(452, "4.5.3 Error: too many recipients")
 TOO_BIG = reply(552, "5.3.4 Message size exceeds fixed maximum message size")
 TOO_BIG_REASON = "message too big"
@@ -570,7 +572,7 @@ class Session:
         if not message.unstuffer.done:
             if self._client_eof:
                 self._abandon_message("client closed the connection before the end of the message")
-                self._fail(reply(421, "4.4.2 Error: message not completed, closing connection"), "client closed the connection before the end of the message")
+                self._fail(NOT_COMPLETED, "client closed the connection before the end of the message")
             return
         self._message = None
         self._mode = Mode.COMMAND
@@ -624,10 +626,10 @@ class Session:
         if self._outstanding is not None:
             name = self._outstanding.exchange.name
             self._abandon_message(f"upstream timed out ({name})")
-            self._fail(reply(421, "4.4.2 Upstream server timed out, closing connection"), f"upstream timed out ({name})")
+            self._fail(UPSTREAM_TIMED_OUT, f"upstream timed out ({name})")
         elif self._message is not None:
             self._abandon_message("timed out waiting for message content")
-            self._fail(reply(421, "4.4.2 Error: message not completed, closing connection"), "timed out waiting for message content")
+            self._fail(NOT_COMPLETED, "timed out waiting for message content")
         elif self._client_wait_since is not None:
             self._hold(reply(421, "4.4.2 Error: timeout exceeded, closing connection"))
             self._close("client idle timeout")

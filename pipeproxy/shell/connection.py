@@ -58,7 +58,9 @@ _GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
 class Connection:
     """One client connection and its upstream connections, for their whole life."""
 
-    def __init__(self, client: trio.abc.Stream, config: Config, real_client: Address | None = None, early: bytes = b"") -> None:
+    def __init__(
+        self, client: trio.abc.Stream, config: Config, real_client: Address | None = None, early: bytes = b""
+    ) -> None:
         """``real_client``: the address a PROXY header gave; ``early``: bytes read after it."""
         self.client = client
         self.config = config

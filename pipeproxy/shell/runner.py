@@ -74,7 +74,10 @@ def run_workers(config: Config) -> int:
     reserved = _reserve(config.listen)
     config = dataclasses.replace(config, listen=Address(config.listen.host, reserved.getsockname()[1]))
     context = multiprocessing.get_context("spawn")
-    workers = [context.Process(target=_worker, args=(config, index), name=f"pipeproxy-{index}") for index in range(config.workers)]
+    workers = [
+        context.Process(target=_worker, args=(config, index), name=f"pipeproxy-{index}")
+        for index in range(config.workers)
+    ]
     stopping = False
 
     def stop(signum: int, frame: object) -> None:
@@ -120,5 +123,6 @@ def _worker(config: Config, index: int) -> None:
     try:
         trio.run(run, config, True)
     except OSError as error:
-        print(f"pipeproxy: error: worker {index} cannot listen on {config.listen}: {error.strerror or error}", file=sys.stderr)
+        reason = error.strerror or error
+        print(f"pipeproxy: error: worker {index} cannot listen on {config.listen}: {reason}", file=sys.stderr)
         sys.exit(2)

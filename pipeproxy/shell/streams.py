@@ -18,7 +18,7 @@ def _socket_of(stream: trio.abc.Stream | trio.abc.Listener[trio.abc.Stream]) -> 
     while True:
         sock = getattr(stream, "socket", None)
         if sock is not None:
-            return sock  # type: ignore[no-any-return]
+            return sock
         inner = getattr(stream, "transport_stream", None)
         if inner is None:
             return None
