@@ -144,7 +144,8 @@ async def test_upstream_dying_after_354_never_lets_a_message_through(nursery):
     await client.send(b"".join(envelope_lines("s@client.test", ["a@x"])))
     assert [r.code for r in await client.replies(3)] == [250, 250, 354]
     await client.send(b"Subject: hello\r\n\r\nbody\r\n.\r\n")
-    assert await client.rest() == CLOSED
+    # Closed or failed, by whichever the proxy saw first: its EOF or a failed write.
+    assert await client.rest() in (CLOSED, UNAVAILABLE)
 
 
 async def test_upstream_dying_mid_body_gives_421_never_250(nursery):

@@ -7,7 +7,7 @@ Each test names the behaviour it checks; the ones marked "old code" failed befor
 
 from __future__ import annotations
 
-from pipeproxy.core.config import Config
+from pipeproxy.core.config import BareLineEndings, Config
 from pipeproxy.core.events import ClientData, Tick, UpstreamData
 from pipeproxy.core.session import Session
 
@@ -17,9 +17,11 @@ from transcript import (
     CLOSED,
     DRAIN,
     LOG,
+    RECONNECTED,
     TIMEOUT,
     TO_CLIENT,
     TO_UPSTREAM,
+    UPSTREAM_EOF,
     C,
     U,
     play,
@@ -269,13 +271,123 @@ def test_a_reply_nobody_asked_for_is_never_passed_on():
 
 def test_client_input_beyond_the_pipeline_bound_leaves_no_room_to_read():
     """The shell reads only what ``client_room`` allows: at the bound, nothing."""
-    run = start(Config(max_pipeline_bytes=100))
+    run = start(Config(max_pipeline_bytes=20000))
     run.feed(UpstreamData(b"220 legacy.test\r\n"))
     run.feed(ClientData(b"NOOP\r\n"))  # goes upstream at once: no longer held
-    assert run.session.client_room() == 100
-    run.feed(ClientData(b"NOOP\r\n" * 10))
-    assert run.session.client_room() == 40
-    run.feed(ClientData(b"x" * 40))
+    assert run.session.client_room() == 20000
+    run.feed(ClientData(b"NOOP\r\n" * 1000))
+    assert run.session.client_room() == 14000
+    run.feed(ClientData(b"x" * 14000))
     assert run.session.client_room() == 0
     run.feed(UpstreamData(b"250 Ok\r\n"))  # one NOOP more goes upstream
     assert run.session.client_room() == 6
+
+
+def test_the_pipeline_bound_never_leaves_less_room_than_the_longest_line():
+    """A 4,000-octet AUTH line under a 4,096-octet bound: with no room and no line end,
+    nothing could move and the session would wait for the idle timeout."""
+    run = play(OPENED, Config(max_pipeline_bytes=4096))
+    run.feed(ClientData(b"AUTH PLAIN " + b"A" * 4085))
+    assert run.session.client_room() > 0
+    run.feed(ClientData(b"A" * 100 + b"\r\n"))
+    assert run.new_upstream_bytes() == b"AUTH PLAIN " + b"A" * 4185 + b"\r\n"
+
+
+# -- found in review of the core, each failing before its fix ------------------------------
+
+REJECT_BARE = Config(bare_line_endings=BareLineEndings.REJECT)
+REFUSED_550 = b"550 5.6.0 Message refused: bare CR, LF or NUL in content\r\n"
+UNAVAILABLE = b"421 4.4.2 Upstream server unavailable, closing connection\r\n"
+
+
+def test_a_421_greeting_on_the_silent_reconnect_is_one_reply_for_one_command():
+    """The replay is not the client's business: a 421 there is a failed replay, not a reply."""
+    play_every_way(
+        OPENED
+        + lockstep_group(0)
+        + [
+            (C, b"\x00\r\n.\r\nNOOP\r\n"),
+            (TO_CLIENT, REFUSED_550),
+            (RECONNECTED,),
+            (U, b"421 4.7.0 too many connections from you\r\n"),
+            (TO_CLIENT, UNAVAILABLE),  # one reply, for the NOOP
+            (CLOSED,),
+        ],
+        REJECT_BARE,
+    )
+
+
+def test_a_refused_message_drops_the_upstream_at_once_not_at_the_clients_end():
+    """Kept waiting mid-message until the client's last line, the upstream could time out
+    and close, and the client would lose its session instead of getting 552."""
+    config = Config(max_message_size=10)
+    sized = [(C, b"EHLO client.test\r\n"), (TO_UPSTREAM, b"EHLO client.test\r\n"), (U, b"250 legacy.test\r\n")]
+    opened = GREETING + sized + [(TO_CLIENT, b"250-legacy.test\r\n250-SIZE 10\r\n250 PIPELINING\r\n")]
+    over = [(C, b"0123456789abcdef\r\n")]  # over the limit: the upstream is dropped now
+    assert "drop" in [kind for kind, _ in play(opened + lockstep_group(0) + over, config).timeline]
+    run = play(
+        opened
+        + lockstep_group(0)
+        + over
+        + [
+            (U, b"421 4.4.2 legacy.test Error: timeout exceeded\r\n"),  # from the dropped one
+            (UPSTREAM_EOF,),
+            (C, b"more\r\n.\r\nNOOP\r\n"),
+            (TO_CLIENT, b"552 5.3.4 Message size exceeds fixed maximum message size\r\n"),
+            (RECONNECTED,),
+            (U, b"220 legacy.test\r\n"),
+            (TO_UPSTREAM, b"EHLO client.test\r\n"),
+            (U, b"250 legacy.test\r\n"),
+            (TO_UPSTREAM, b"NOOP\r\n"),
+        ],
+        config,
+    )
+    assert run.closed is None
+
+
+def test_a_size_parameter_of_thousands_of_digits_is_552_not_an_internal_error():
+    """int() refuses more than 4,300 digits: a client could turn MAIL into a traceback."""
+    run = play(OPENED, Config(max_line_length=8000, max_message_size=10**6))
+    run.feed(ClientData(b"MAIL FROM:<a@b> SIZE=" + b"9" * 5000 + b"\r\n"))
+    assert run.new_client_bytes() == b"552 5.3.4 Message size exceeds fixed maximum message size\r\n"
+    assert not run.events("internal error") and run.new_upstream_bytes() == b""
+
+
+def test_part_of_a_reply_nobody_asked_for_is_never_taken_for_the_next_commands():
+    run = play(OPENED + [(U, b"250-stray\r\n")])
+    run.feed(ClientData(b"NOOP\r\n"))
+    assert run.new_upstream_bytes() == b"", "NOOP's reply would have been read from the stray bytes"
+    assert run.new_client_bytes() == b"421 4.4.2 Upstream server broke the protocol, closing connection\r\n"
+    assert run.closed is not None
+
+
+def test_a_bug_never_lets_queued_upstream_io_happen(monkeypatch):
+    """A step that had queued content (or a final dot) before failing: none of it goes out."""
+
+    class BuggyDelivery(Session):
+        def _read_content(self):
+            super()._read_content()
+            if self._message is None:
+                raise RuntimeError("a bug after the final dot was queued")
+
+    monkeypatch.setattr("transcript.Session", BuggyDelivery)
+    run = play(OPENED + lockstep_group(0))
+    run.new_upstream_bytes()
+    run.feed(ClientData(b"body\r\n.\r\n"))
+    assert run.new_upstream_bytes() == b"", "content and final dot dropped with the crash"
+    assert run.closed is not None and run.events("internal error")
+
+
+def test_a_helo_only_upstream_still_advertises_pipeproxys_own_size():
+    play(
+        GREETING
+        + [
+            (C, b"EHLO client.test\r\n"),
+            (TO_UPSTREAM, b"EHLO client.test\r\n"),
+            (U, b"502 5.5.2 Error: command not recognized\r\n"),
+            (TO_UPSTREAM, b"HELO client.test\r\n"),
+            (U, b"250 legacy.test\r\n"),
+            (TO_CLIENT, b"250-legacy.test\r\n250-SIZE 1000\r\n250 PIPELINING\r\n"),
+        ],
+        Config(max_message_size=1000),
+    )

@@ -59,6 +59,7 @@ def rewrite_ehlo(
     return Reply(upstream.code, (greeting, *kept)), dropped
 
 
-def ehlo_from_helo(helo: Reply) -> Reply:
-    """A valid EHLO reply for a client whose upstream only speaks HELO (RFC 5321 §4.1.1.1)."""
-    return Reply(helo.code, (helo.lines[0], PIPELINING))
+def ehlo_from_helo(helo: Reply, max_size: int = 0) -> Reply:
+    """A valid EHLO reply for a client whose upstream only speaks HELO (RFC 5321 §4.1.1.1),
+    with pipeproxy's own SIZE limit when it has one."""
+    return Reply(helo.code, (helo.lines[0], *((f"SIZE {max_size}",) if max_size else ()), PIPELINING))

@@ -55,6 +55,7 @@ from .events import (
 )
 from .wire import (
     CRLF,
+    MAX_AUTH_LINE,
     ClientError,
     ClientInput,
     Reply,
@@ -127,8 +128,8 @@ class Relay(enum.Enum):
 # The first row that matches the reply wins. "then" names the step taken after the reply
 # is relayed: a ``_then_<name>`` method below; None: nothing more. A 421 from the upstream
 # ends the channel whatever was asked (RFC 5321 §3.8): it is relayed and the session
-# closes, answering what is still waiting with 421. Everything that moves the machine on
-# is in this table.
+# closes, answering what is still waiting with 421; only during the silent replay after a
+# reconnect, which the client knows nothing of, is it a failed replay like any other.
 _ = Relay.AS_IS
 TRANSITIONS: dict[Exchange, tuple[tuple[str, Relay, str | None], ...]] = {
     GREETING: (("*", _, "greeting"),),
@@ -164,7 +165,7 @@ del _
 
 def transition(exchange: Exchange, code: int) -> tuple[Relay, str | None]:
     """How the session answers ``code`` to ``exchange``: relayed as what, then what."""
-    if code == 421:
+    if code == 421 and exchange not in REPLAY:
         return Relay.AS_IS, "upstream_closing"
     text, klass = str(code), f"{code // 100}xx"
     for pattern, relay, then in TRANSITIONS[exchange]:
@@ -254,7 +255,7 @@ class Session:
         self._client_lost = False  # writing to the client failed: say nothing more
         self._draining = False
         self._authenticated = False
-        self._upstream_open = False
+        self._upstream = "none"  # the upstream connection: "connecting", "open" or "none"
         self._hello: tuple[Exchange, bytes] | None = None  # the client's accepted EHLO/HELO
         self._client_wait_since: float | None = None
         self._started = clock()
@@ -282,6 +283,10 @@ class Session:
                 if self._message is not None:
                     self._message.last_data = self._clock()
                 self._advance()
+            case UpstreamConnected():
+                self._upstream = "open"  # the greeting is awaited already
+            case UpstreamData() | UpstreamClosed() | UpstreamFailed() if self._upstream == "none":
+                pass  # from a connection dropped on purpose: it has nothing more to say
             case UpstreamData(data):
                 self._replies.feed(data)
                 self._advance()
@@ -292,13 +297,13 @@ class Session:
                 self._client = client
                 self._log(L.SESSION_OPEN)
                 self._connect_upstream(GREETING)
-            case UpstreamConnected():
-                self._upstream_open = True  # the greeting is awaited already
             case UpstreamClosed():
+                self._abandon_message("upstream closed the connection")
                 self._fail(reply(421, "4.4.2 Upstream server closed the connection"), "upstream closed the connection")
             case UpstreamFailed(reason):
-                if not self._upstream_open:
+                if self._upstream == "connecting":
                     self._log(L.UPSTREAM_UNREACHABLE, error=reason)
+                self._abandon_message(reason)
                 self._fail(UNAVAILABLE, reason)
             case ClientWriteFailed(reason):
                 self._client_lost = True
@@ -317,6 +322,9 @@ class Session:
 
     def _crash(self, trace: str) -> None:
         """A bug: say so in the log, and end the session with a 421, never a silent EOF."""
+        # What the broken call queued for the upstream (content, a final dot, a connect)
+        # must not happen: only its log lines and replies already due stay.
+        self._actions = [action for action in self._actions if isinstance(action, Log | ToClient)]
         self._emit(Log("error", L.INTERNAL_ERROR.name, {"exception": trace}))
         if self._mode is Mode.CLOSED:
             return
@@ -355,7 +363,10 @@ class Session:
         """How many more client bytes may be held; at 0 the shell stops reading."""
         if self._mode is Mode.CLOSED:
             return 0
-        return max(0, self.config.max_pipeline_bytes - len(self._input))
+        # Never less than the longest legal line: with no room and no line end, nothing
+        # could move (a 4 kB AUTH line under a 4 kB bound would stall the session).
+        bound = max(self.config.max_pipeline_bytes, self.config.max_line_length, MAX_AUTH_LINE)
+        return max(0, bound - len(self._input))
 
     # -- the machine -----------------------------------------------------------------
 
@@ -398,6 +409,11 @@ class Session:
                     self._client_wait_since = self._clock()
                 return
             self._client_wait_since = None
+            if self._replies.pending():
+                # Part of a reply nobody asked for: sent now, the command's reply would
+                # be taken from it.
+                self._unsolicited(None)
+                return
             self._on_line(line)
 
     def _on_line(self, line: bytes) -> None:
@@ -417,7 +433,7 @@ class Session:
             self._end_transaction(None, "new MAIL command")
             text = argument.decode("utf-8", "surrogateescape")
             declared = _SIZE_PARAMETER.search(text)
-            if self.config.max_message_size and declared and int(declared[1]) > self.config.max_message_size:
+            if self.config.max_message_size and declared and _over(declared[1], self.config.max_message_size):
                 self._refuse(verb, TOO_BIG, "declared SIZE over the limit")
                 return
             self._transaction = _Transaction(sender=mailbox(text))
@@ -465,7 +481,7 @@ class Session:
             )
             self._log(L.EHLO_REWRITTEN, removed=list(removed))
         elif relay is Relay.HELO_AS_EHLO:
-            upstream_reply = ehlo_from_helo(upstream_reply)
+            upstream_reply = ehlo_from_helo(upstream_reply, self.config.max_message_size)
         if relay is not Relay.NOT_RELAYED:
             # A 421 is held: the 421s for what is still waiting join it in one write.
             self._answer(upstream_reply, groupable=exchange.groupable or then == "upstream_closing")
@@ -549,10 +565,11 @@ class Session:
         reason = f"upstream refused the reconnection ({pending.exchange.name} {upstream_reply.code})"
         self._fail(UNAVAILABLE, reason, in_flight=False)
 
-    def _unsolicited(self, upstream_reply: Reply) -> None:
-        """A reply to nothing: a 421 shutdown notice (RFC 5321 §3.8) or a broken peer."""
+    def _unsolicited(self, upstream_reply: Reply | None) -> None:
+        """A reply to nothing (None: the start of one): a 421 shutdown notice (RFC 5321
+        §3.8), or a broken peer, whose next reply would be taken for the next command's."""
         self._abandon_message("upstream replied during the message")
-        if upstream_reply.code == 421:
+        if upstream_reply is not None and upstream_reply.code == 421:
             self._hold(upstream_reply)  # after what is held: one write
             self._fail(None, "upstream sent 421 unprompted")
         else:
@@ -569,6 +586,11 @@ class Session:
                 message.stuffer.refuse(TOO_BIG_REASON)
             if framed := message.stuffer.frame(content):
                 self._emit(ToUpstream(framed))
+            if message.stuffer.refused and self._upstream != "none":
+                # Part of the message is upstream already; only dropping the connection
+                # without a final dot keeps it from being delivered. At once: an upstream
+                # left waiting mid-message might time out before the client's end.
+                self._drop_upstream()
         if not message.unstuffer.done:
             if self._client_eof:
                 self._abandon_message("client closed the connection before the end of the message")
@@ -579,19 +601,19 @@ class Session:
         if self._transaction is not None:
             self._transaction.size = message.unstuffer.size
         end = b"" if message.stuffer.refused else message.stuffer.finish()
-        if message.stuffer.refused:
+        if message.stuffer.refused:  # also by finish(): a last bare CR under the reject policy
+            self._drop_upstream()
             self._refuse_message(message.stuffer.refused)
             return
         self._expect(END_OF_DATA)
         self._emit(ToUpstream(end))
 
     def _refuse_message(self, reason: str) -> None:
-        """pipeproxy refuses a message part of which is upstream already.
+        """pipeproxy refused a message and dropped its upstream connection.
 
-        Only dropping the upstream connection without a final dot keeps it from being
-        delivered. The client's session goes on over a new upstream connection, greeted
-        as the old one was; an authenticated session cannot be replayed (pipeproxy keeps
-        no credentials), so it ends.
+        The client's session goes on over a new upstream connection, greeted as the old
+        one was; an authenticated session cannot be replayed (pipeproxy keeps no
+        credentials), so it ends.
         """
         refusal = TOO_BIG if reason == TOO_BIG_REASON else BARE_LINE_ENDING
         self._end_transaction(refusal, f"refused: {reason}")
@@ -600,12 +622,16 @@ class Session:
             return
         self._answer(refusal, groupable=False)
         self._log(L.UPSTREAM_RECONNECTING, reason=f"message refused: {reason}")
-        self._emit(DropUpstream())
-        self._replies.clear()
         self._connect_upstream(REPLAY_GREETING)
 
+    def _drop_upstream(self) -> None:
+        if self._upstream != "none":
+            self._upstream = "none"
+            self._emit(DropUpstream())
+            self._replies.clear()
+
     def _connect_upstream(self, greeting: Exchange) -> None:
-        self._upstream_open = False
+        self._upstream = "connecting"
         self._expect(greeting)
         self._emit(ConnectUpstream())
 
@@ -731,6 +757,12 @@ class Session:
 
     def _emit(self, action: Action) -> None:
         self._actions.append(action)
+
+
+def _over(digits: str, limit: int) -> bool:
+    """Whether a decimal number is above ``limit``, without int() of thousands of digits."""
+    digits = digits.lstrip("0")
+    return len(digits) > len(str(limit)) or (len(digits) == len(str(limit)) and int(digits) > limit)
 
 
 def _hello_line(verb: bytes, argument: bytes) -> bytes:

@@ -1,13 +1,15 @@
 """The trio shell around one Session: a client connection and its upstream connection.
 
 Each connection has a reader task that turns what it reads into an event for the
-Session and then carries out the actions the Session returns, in order. Session calls
-are synchronous, so they never interleave; the actions are carried out under one FIFO
-lock taken straight after the call, with no checkpoint in between, so they happen in the
-order the Session produced them and each group of replies is a single ``send_all``. A
-reader that waits for its actions to be done reads nothing meanwhile: that is the
-backpressure. The client reader also parks while the Session can hold no more input. A
-third task sleeps until the Session's deadline (on trio's clock) and sends ``Tick``.
+Session and carries out the actions the Session returns. One FIFO lock is held from the
+Session call until its actions (and the events they lead to: a failed write, a connect)
+are done, so actions happen in the order the Session produced them, never overtaken by
+a later call's, and each group of replies is a single ``send_all``. A reader that waits
+for the lock or for its actions reads nothing meanwhile: that is the backpressure. The
+client reader also parks while the Session can hold no more input. A third task sleeps
+until the Session's deadline (on trio's clock) and sends ``Tick``. Every write has a
+time limit, so no peer can hold the lock for ever: a client that stops reading is gone
+after ``client_idle``, an upstream that stops reading fails after ``data_block``.
 
 The Session decides when to connect to the upstream (``ConnectUpstream``) and when to
 drop a connection (``DropUpstream``); what a dropped connection still delivers is never
@@ -109,8 +111,19 @@ class Connection:
         """The grace period is over: 421 and close now."""
         await self._event(ShutDown())
 
-    async def _event(self, event: Event) -> None:
-        await self._carry_out(self._handle(event))
+    async def _event(self, event: Event, epoch: int | None = None) -> None:
+        """Hand ``event`` to the Session and carry out what it says, after every earlier
+        event's actions and before any later; ``epoch``: the upstream connection it came
+        from, dropped if the Session has dropped that connection meanwhile."""
+        async with self._lock:
+            if epoch is None or epoch == self._upstream_epoch:
+                await self._perform(self._handle(event))
+        # Only a deadline that comes earlier needs the watchdog woken; one that moves
+        # later (every command sent does) is found when the watchdog wakes and looks.
+        if (deadline := self.session.deadline) < self._watch.deadline:
+            self._watch.deadline = deadline
+        if self._room:
+            self._room.unpark_all()
 
     def _handle(self, event: Event) -> list[Action]:
         actions = self.session.handle(event)
@@ -139,13 +152,10 @@ class Connection:
                 await streams.wait_readable(stream)
                 data = await stream.receive_some(CHUNK)
             except _GONE:
-                if epoch == self._upstream_epoch:
-                    await self._event(UpstreamFailed("upstream connection reset"))
+                await self._event(UpstreamFailed("upstream connection reset"), epoch)
                 return
-            if epoch != self._upstream_epoch:
-                return
-            await self._event(UpstreamData(data) if data else UpstreamClosed())
-            if not data:
+            await self._event(UpstreamData(data) if data else UpstreamClosed(), epoch)
+            if not data or epoch != self._upstream_epoch:
                 return
 
     async def _watch_deadline(self) -> None:
@@ -154,25 +164,6 @@ class Connection:
                 await trio.sleep_forever()
             if trio.current_time() >= self.session.deadline:
                 await self._event(Tick())
-
-    async def _carry_out(self, actions: list[Action]) -> None:
-        """Perform ``actions`` after those of every earlier Session call, before any later."""
-        # Called with no checkpoint since the Session call: when the lock is free, take
-        # it without one, so nothing can slip in between.
-        if self._lock.locked():
-            await self._lock.acquire()
-        else:
-            self._lock.acquire_nowait()
-        try:
-            await self._perform(actions)
-        finally:
-            self._lock.release()
-        # Only a deadline that comes earlier needs the watchdog woken; one that moves
-        # later (every command sent does) is found when the watchdog wakes and looks.
-        if (deadline := self.session.deadline) < self._watch.deadline:
-            self._watch.deadline = deadline
-        if self._room:
-            self._room.unpark_all()
 
     async def _perform(self, actions: list[Action]) -> None:
         """Carry out ``actions``; what they lead to (a failed write, a connect) is handed
@@ -185,16 +176,14 @@ class Connection:
                     self._client_lost = True
                     outcomes.append(ClientWriteFailed(failure))
             elif isinstance(action, ToUpstream):
-                if self.upstream is not None:
-                    try:
-                        await self.upstream.send_all(action.data)
-                    except _GONE:
-                        await self._drop_upstream()
-                        outcomes.append(UpstreamFailed("upstream connection lost while sending"))
+                if self.upstream is not None and (failure := await self._send_upstream(action.data)):
+                    await self._drop_upstream()
+                    outcomes.append(UpstreamFailed(failure))
             elif isinstance(action, Log):
                 getattr(self.log, action.level)(action.event, **action.fields)
             elif isinstance(action, ConnectUpstream):
-                outcomes.append(await self._connect())
+                if not self._client_lost:  # the Session will close on the failed write
+                    outcomes.append(await self._connect())
             elif isinstance(action, DropUpstream):
                 await self._drop_upstream()
             elif isinstance(action, Close):
@@ -206,7 +195,8 @@ class Connection:
 
     async def _connect(self) -> Event:
         host, port = self.config.upstream
-        with trio.move_on_at(self.session.deadline):
+        limit = trio.current_time() + self.config.timeouts.greeting
+        with trio.move_on_at(min(self.session.deadline, limit)):
             try:
                 stream = await trio.open_tcp_stream(host, port)
             except OSError as error:
@@ -222,6 +212,17 @@ class Connection:
         if stream is not None:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
+
+    async def _send_upstream(self, data: bytes) -> str | None:
+        """Write to the upstream; why it failed, or None."""
+        assert self.upstream is not None
+        with trio.move_on_after(self.config.timeouts.data_block):
+            try:
+                await self.upstream.send_all(data)
+            except _GONE:
+                return "upstream connection lost while sending"
+            return None
+        return "upstream stopped reading"
 
     async def _send_client(self, data: bytes) -> str | None:
         """Write to the client; why it failed, or None."""

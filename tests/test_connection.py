@@ -1,0 +1,108 @@
+"""The trio shell around one session: no peer can hold it for ever, and the order of what
+the core says is the order on the wire, whatever the timing of both sides.
+
+Found in review of core v2; both tests failed before their fixes.
+"""
+
+from __future__ import annotations
+
+import trio
+import trio.testing
+
+from pipeproxy.core.config import Config, Timeouts
+from pipeproxy.core.events import Event, UpstreamConnected
+from pipeproxy.shell.connection import Connection
+
+from peers import Peer, open_session, start_proxy, start_upstream
+from test_faults import greet_and_accept_envelope
+
+
+async def test_an_upstream_that_stops_reading_mid_message_cannot_hang_the_session(nursery, autojump_clock):
+    """The upstream takes the envelope and says 354, then never reads again (a stuck or
+    black-holed MTA). The write to it must give up, so the session's 421 and close happen."""
+
+    async def stop_reading(peer: Peer) -> None:
+        await greet_and_accept_envelope(peer)
+        await trio.sleep_forever()
+
+    timeouts = Timeouts(data_block=60.0)
+    proxy = await start_proxy(nursery, await start_upstream(nursery, stop_reading), timeouts=timeouts)
+    client = await open_session(proxy)
+    await client.send(b"MAIL FROM:<s@x>\r\nRCPT TO:<r@x>\r\nDATA\r\n")
+    assert [reply.code for reply in await client.replies(3)] == [250, 250, 354]
+
+    async def flood() -> None:
+        line = b"x" * 998 + b"\r\n"
+        try:
+            while True:
+                await client.send(line * 64)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the proxy closed: what the test waits for
+
+    nursery.start_soon(flood)
+    with trio.fail_after(3600):  # virtual time: a hang shows as this, never as a slow test
+        rest = await client.rest()
+    assert rest.startswith(b"421 4.4.2"), rest
+
+
+class _StallThenReset(trio.abc.Stream):
+    """pipeproxy's end of an upstream that stalls on the second RCPT for 2 s, then resets."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if bytes(data).startswith(b"RCPT TO:<r2@"):
+            await trio.sleep(2)
+            raise trio.BrokenResourceError("reset")
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_replies_already_given_go_out_before_the_421s_of_a_failure_that_follows(autojump_clock):
+    """MAIL and RCPT 1 are answered and held; the write of RCPT 2 stalls, and meanwhile the
+    hold time sends the held 250s on their way; then that write fails. The 421s for RCPT 2
+    and DATA must come after the 250s the upstream really gave, never instead of them."""
+    proxy_side, upstream_side = trio.testing.memory_stream_pair()
+    client, proxy_client = trio.testing.memory_stream_pair()
+
+    class Stalling(Connection):
+        async def _connect(self) -> Event:
+            self.upstream = _StallThenReset(proxy_side)
+            assert self._nursery is not None
+            self._nursery.start_soon(self._read_upstream, self.upstream, self._upstream_epoch)
+            return UpstreamConnected()
+
+    async def upstream() -> None:
+        await upstream_side.send_all(b"220 legacy.test\r\n")
+        received = b""
+        while data := await upstream_side.receive_some():
+            received += data
+            while b"\r\n" in received:
+                _, received = received.split(b"\r\n", 1)
+                await trio.sleep(0.01)
+                await upstream_side.send_all(b"250 ok\r\n")
+
+    got = b""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(Stalling(proxy_client, Config(hold_time=1.0)).serve)
+        nursery.start_soon(upstream)
+        await client.send_all(b"EHLO c\r\n")
+        while not got.endswith(b"PIPELINING\r\n"):
+            got += await client.receive_some()
+        got = b""
+        await client.send_all(b"MAIL FROM:<s@x>\r\nRCPT TO:<r1@x>\r\nRCPT TO:<r2@x>\r\nDATA\r\n")
+        with trio.move_on_after(30):
+            while data := await client.receive_some():
+                got += data
+        nursery.cancel_scope.cancel()
+    codes = [line[:3] for line in got.split(b"\r\n") if line]
+    assert codes == [b"250", b"250", b"421", b"421"], got
