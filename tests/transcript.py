@@ -52,6 +52,8 @@ DRAIN, SHUTDOWN = "drain", "shut down"
 CLIENT_WRITE_FAILED, UPSTREAM_FAILED = "client write failed", "upstream failed"
 LOG, RECONNECTED = "log", "reconnected"
 CLIENT = Address("127.0.0.1", 40000)
+SERVER = Address("127.0.0.1", 2525)  # where the client connected
+SESSION = "5e55104"
 
 Step = tuple[Any, ...]
 Cutter = Callable[[bytes], list[bytes]]
@@ -209,7 +211,7 @@ def start(config: Config | None = None, connect_fails: bool = False) -> Run:
     """A session whose client has just connected (and whose upstream connection opened)."""
     clock = FakeClock()
     run = Run(Session(config or Config(), clock), clock, connect_fails)
-    run.feed(ClientConnected(CLIENT))
+    run.feed(ClientConnected(CLIENT, SERVER, SESSION))
     return run
 
 

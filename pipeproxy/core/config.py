@@ -183,6 +183,34 @@ class Config:
         "--hold-time", "HOLD_TIME", values.seconds, metavar="SECONDS",
         help="how long replies to RSET, MAIL and RCPT may be held to go out in one write while the "
         "upstream is slow"))
+    xclient: str = field(default="auto", metadata=setting(
+        "--xclient", "XCLIENT", str, choices=("auto", "off"),
+        help="auto: when the upstream offers XCLIENT (Postfix's smtpd_authorized_xclient_hosts, Exim 4.98's "
+        "hosts_xclient), tell it who each client really is before its first command, so the MTA's rules by "
+        "client address judge the client, not pipeproxy; off: never"))
+    xforward: str = field(default="auto", metadata=setting(
+        "--xforward", "XFORWARD", str, choices=("auto", "off"),
+        help="auto: when the upstream offers XFORWARD (Postfix's smtpd_authorized_xforward_hosts), pass the "
+        "client's address, port, HELO name and protocol before each MAIL, for the MTA's logs; off: never"))
+    upstream_proxy_protocol: str = field(default="off", metadata=setting(
+        "--upstream-proxy-protocol", "UPSTREAM_PROXY_PROTOCOL", str, choices=("off", "v1", "v2"),
+        help="start each upstream connection with a PROXY protocol header naming the real client (Postfix "
+        "smtpd_upstream_proxy_protocol = haproxy, Exim proxy_protocol_hosts)"))
+    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(default=(), metadata=setting(
+        "--allow", "ALLOW", values.network, metavar="CIDR", gather=tuple,
+        help="only clients in these networks may connect; others get 554 "
+        "at once; none given: everyone not denied"))
+    deny: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(default=(), metadata=setting(
+        "--deny", "DENY", values.network, metavar="CIDR", gather=tuple,
+        help="clients in these networks get 554 at once and no upstream session; deny wins over allow"))
+    max_sessions_per_client: int = field(default=0, metadata=setting(
+        "--max-sessions-per-client", "MAX_SESSIONS_PER_CLIENT", values.non_negative_int, metavar="COUNT",
+        help="concurrent sessions from one client address, like Postfix's smtpd_client_connection_count_limit "
+        "(50 there); one more gets 421 at once; 0: no limit"))
+    early_talkers: str = field(default="allow", metadata=setting(
+        "--early-talkers", "EARLY_TALKERS", str, choices=("allow", "reject"),
+        help="a client that sends before the greeting (spam software does, a real client waits): allow "
+        "logs it; reject answers 554 and closes, as Exim's smtp_enforce_sync and postscreen do"))
     bare_line_endings: BareLineEndings = field(default=BareLineEndings.NEUTRALISE, metadata=setting(
         "--bare-line-endings", "BARE_LINE_ENDINGS", BareLineEndings, choices=tuple(p.value for p in BareLineEndings),
         help="bare CR, bare LF or NUL in message content: neutralise turns CR and LF into CRLF and drops "

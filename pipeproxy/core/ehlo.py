@@ -10,6 +10,8 @@ extensions a line-oriented proxy cannot relay are removed:
   a proxy that advertised them without parsing BDAT lost mail (Mailu#1766).
 * PIPE_CONNECT, X_PIPE_CONNECT: the client would send before the greeting.
 * STARTTLS: pipeproxy does not terminate TLS, and relaying it would leave it blind.
+* XCLIENT, XFORWARD: an MTA offers them to pipeproxy because it trusts pipeproxy; a
+  client must never get to say who it is in pipeproxy's name.
 """
 
 from __future__ import annotations
@@ -19,12 +21,19 @@ from collections.abc import Iterable
 from .wire import Reply
 
 PIPELINING = "PIPELINING"
-NOT_RELAYABLE = frozenset({"CHUNKING", "BINARYMIME", "PIPE_CONNECT", "X_PIPE_CONNECT", "STARTTLS"})
+NOT_RELAYABLE = frozenset(
+    {"CHUNKING", "BINARYMIME", "PIPE_CONNECT", "X_PIPE_CONNECT", "STARTTLS", "XCLIENT", "XFORWARD"}
+)
 
 
 def keyword(line: str) -> str:
     """The extension keyword of one EHLO line, upper-cased."""
     return line.split(" ", 1)[0].upper()
+
+
+def offered(upstream: Reply) -> dict[str, str]:
+    """The keywords of an EHLO reply, upper-cased, each with its parameters."""
+    return {keyword(line): line.partition(" ")[2] for line in upstream.lines[1:]}
 
 
 def normalise_keywords(words: Iterable[str]) -> frozenset[str]:

@@ -19,6 +19,8 @@ class ClientConnected:
     """A client is here; ``client`` is who it really is (from a PROXY header or its socket)."""
 
     client: Address
+    server: Address | None = None  # the address it connected to
+    session: str = ""  # the shell's id for the session, as its log lines carry it
 
 
 @dataclass(frozen=True, slots=True)

@@ -72,6 +72,18 @@ UPSTREAM_RECONNECTING = _event(
     "pipeproxy dropped the upstream connection mid-message and opens a new one for the session",
 )
 UPSTREAM_RECONNECTED = _event("upstream reconnected", "info", "", "greeting and EHLO replayed; the session goes on")
+XCLIENT_SENT = _event(
+    "xclient sent", "info", "attributes", "the upstream was told who the client is (attribute names only)"
+)
+XCLIENT_REFUSED = _event(
+    "xclient refused", "error", "code reply", "the upstream refused XCLIENT; the session failed closed with 421"
+)
+XFORWARD_REFUSED = _event(
+    "xforward refused", "warning", "code reply", "the upstream refused XFORWARD; the mail went on without it"
+)
+EARLY_TALKER = _event(
+    "client talked before the greeting", "info", "action", "allow: logged only; reject: 554 and closed"
+)
 INTERNAL_ERROR = _event(
     "internal error", "error", "exception", "a bug in pipeproxy: the client got 421 and the session ended"
 )
@@ -88,6 +100,9 @@ TOO_MANY_SESSIONS = _event(
 )
 BAD_PROXY_HEADER = _event(
     "bad PROXY header, closing", "warning", "peer error", "a connection without a valid PROXY header was closed"
+)
+CLIENT_REFUSED = _event(
+    "client refused", "info", "client reason", "a client was refused at the door (access list, per-client limit)"
 )
 SESSION_FAILED = _event("session failed", "error", "", "a session's shell failed; its traceback follows")
 STOPPING = _event("stopping", "info", "signal", "a signal asked pipeproxy to stop: the drain begins")

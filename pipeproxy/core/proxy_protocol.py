@@ -1,4 +1,4 @@
-"""The PROXY protocol header (HAProxy's spec, versions 1 and 2), parsed with no I/O.
+"""The PROXY protocol header (HAProxy's spec, versions 1 and 2), read and written with no I/O.
 
 A load balancer in front of pipeproxy opens each connection with one header saying who
 the real client is. ``parse(data)`` returns ``None`` while the header is incomplete, or
@@ -6,6 +6,10 @@ the real client is. ``parse(data)`` returns ``None`` while the header is incompl
 meaning "use the connection's own") and how many octets the header took. Anything else
 raises ``ValueError``: pipeproxy then closes the connection, since a client that speaks
 SMTP where a header must be is not behind the trusted balancer.
+
+``header(version, client, server)`` writes one, for an upstream that expects pipeproxy to
+say who the client is (Postfix ``smtpd_upstream_proxy_protocol = haproxy``, Exim
+``proxy_protocol_hosts``).
 """
 
 from __future__ import annotations
@@ -75,3 +79,33 @@ def _parse_v2(data: bytes) -> tuple[Address | None, int] | None:
         return None, consumed
     raise ValueError("unsupported PROXY v2 address family")
 
+
+
+def header(version: str, client: Address, server: Address) -> bytes:
+    """The header pipeproxy writes first on an upstream connection: ``client`` connected to
+    ``server`` (``version`` "v1" or "v2"). A client that is not an IP address (a stream
+    with no socket) is sent as UNKNOWN in v1 and LOCAL in v2: the receiver then uses the
+    connection's own address, as the spec says."""
+    try:
+        source, destination = ipaddress.ip_address(client.host), ipaddress.ip_address(server.host)
+    except ValueError:
+        return b"PROXY UNKNOWN\r\n" if version == "v1" else V2_SIGNATURE + struct.pack("!BBH", 0x20, 0x00, 0)
+    source, destination = _unmapped(source), _unmapped(destination)
+    if source.version != destination.version:
+        # The client's own family wins: an MTA judging 127.0.0.2 by its IPv4 rules must
+        # not be shown ::ffff:127.0.0.2. The other end becomes the family's "any".
+        destination = ipaddress.ip_address("0.0.0.0" if source.version == 4 else "::")
+    if version == "v1":
+        tcp = "TCP4" if source.version == 4 else "TCP6"
+        return f"PROXY {tcp} {source} {destination} {client.port} {server.port}\r\n".encode()
+    family, size = (0x11, 12) if source.version == 4 else (0x21, 36)
+    addresses = source.packed + destination.packed + struct.pack("!HH", client.port, server.port)
+    return V2_SIGNATURE + struct.pack("!BBH", 0x21, family, size) + addresses
+
+
+IP = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _unmapped(ip: IP) -> IP:
+    """An IPv4 client on a dual-stack socket shows as ::ffff:a.b.c.d: it is a.b.c.d."""
+    return ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped else ip

@@ -38,7 +38,7 @@ from typing import Any
 from . import logschema as L
 from .actions import Action, Close, ConnectUpstream, DropUpstream, Log, ToClient, ToUpstream
 from .config import Address, BareLineEndings, Config
-from .ehlo import ehlo_from_helo, rewrite_ehlo
+from .ehlo import ehlo_from_helo, offered, rewrite_ehlo
 from .events import (
     ClientClosed,
     ClientConnected,
@@ -53,6 +53,7 @@ from .events import (
     UpstreamData,
     UpstreamFailed,
 )
+from .identity import ClientIdentity, command_line, offered_attributes
 from .wire import (
     CRLF,
     MAX_AUTH_LINE,
@@ -97,8 +98,14 @@ OTHER = Exchange("other command", "command")  # NOOP, VRFY, HELP, unknown verbs:
 REPLAY_GREETING = Exchange("greeting (reconnect)", "greeting", proxy=True)
 REPLAY_EHLO = Exchange("EHLO (reconnect)", "command", proxy=True)
 REPLAY_HELO = Exchange("HELO (reconnect)", "command", proxy=True)
+# Telling a trusting upstream who the client is (identity.py). A client that says HELO
+# gets an EHLO sent first, since only an EHLO reply says whether XCLIENT is offered.
+HELO_PROBE = Exchange("EHLO before HELO", "command", proxy=True)
+XCLIENT = Exchange("XCLIENT", "command", proxy=True)
+REPLAY_XCLIENT = Exchange("XCLIENT (reconnect)", "command", proxy=True)
+XFORWARD = Exchange("XFORWARD", "command", proxy=True)
 
-REPLAY = (REPLAY_GREETING, REPLAY_EHLO, REPLAY_HELO)
+REPLAY = (REPLAY_GREETING, REPLAY_EHLO, REPLAY_HELO, REPLAY_XCLIENT)
 
 VERBS = {
     "EHLO": EHLO,
@@ -125,7 +132,8 @@ class Relay(enum.Enum):
 
 
 # exchange -> rows of (reply code: exact, "2xx"-style class or "*"; relayed as; then).
-# The first row that matches the reply wins. "then" names the step taken after the reply
+# "2xx+XCLIENT" is a 2xx EHLO reply that offers XCLIENT while pipeproxy has yet to use it
+# on this connection. The first row that matches the reply wins. "then" names the step taken after the reply
 # is relayed: a ``_then_<name>`` method below; None: nothing more. A 421 from the upstream
 # ends the channel whatever was asked (RFC 5321 §3.8): it is relayed and the session
 # closes, answering what is still waiting with 421; only during the silent replay after a
@@ -134,6 +142,7 @@ _ = Relay.AS_IS
 TRANSITIONS: dict[Exchange, tuple[tuple[str, Relay, str | None], ...]] = {
     GREETING: (("*", _, "greeting"),),
     EHLO: (
+        ("2xx+XCLIENT", Relay.NOT_RELAYED, "xclient"),  # the client sees the EHLO after it
         ("2xx", Relay.EHLO_REWRITTEN, "greeted"),
         ("500", Relay.NOT_RELAYED, "helo_fallback"),  # no ESMTP upstream (RFC 5321 §4.1.4)
         ("502", Relay.NOT_RELAYED, "helo_fallback"),
@@ -141,6 +150,9 @@ TRANSITIONS: dict[Exchange, tuple[tuple[str, Relay, str | None], ...]] = {
     ),
     HELO: (("2xx", _, "greeted"), ("*", _, None)),
     HELO_FALLBACK: (("2xx", Relay.HELO_AS_EHLO, "greeted"), ("*", _, None)),
+    HELO_PROBE: (("2xx+XCLIENT", Relay.NOT_RELAYED, "xclient"), ("*", Relay.NOT_RELAYED, "helo_after_probe")),
+    XCLIENT: (("220", Relay.NOT_RELAYED, "xclient_accepted"), ("*", Relay.NOT_RELAYED, "xclient_refused")),
+    XFORWARD: (("2xx", Relay.NOT_RELAYED, "mail_after_xforward"), ("*", Relay.NOT_RELAYED, "xforward_refused")),
     AUTH: (("334", _, "sasl"), ("2xx", _, "authenticated"), ("*", _, "auth_over")),
     SASL: (("334", _, "sasl"), ("2xx", _, "authenticated"), ("*", _, "auth_over")),
     MAIL: (("2xx", _, None), ("*", _, "mail_refused")),
@@ -153,33 +165,58 @@ TRANSITIONS: dict[Exchange, tuple[tuple[str, Relay, str | None], ...]] = {
     OTHER: (("*", _, None),),
     REPLAY_GREETING: (("2xx", Relay.NOT_RELAYED, "replay_hello"), ("*", Relay.NOT_RELAYED, "replay_failed")),
     REPLAY_EHLO: (
-        ("2xx", Relay.NOT_RELAYED, "replayed"),
+        ("2xx+XCLIENT", Relay.NOT_RELAYED, "replay_xclient"),
+        ("2xx", Relay.NOT_RELAYED, "replay_ehlo_done"),
         ("500", Relay.NOT_RELAYED, "replay_helo"),
         ("502", Relay.NOT_RELAYED, "replay_helo"),
         ("*", Relay.NOT_RELAYED, "replay_failed"),
     ),
     REPLAY_HELO: (("2xx", Relay.NOT_RELAYED, "replayed"), ("*", Relay.NOT_RELAYED, "replay_failed")),
+    REPLAY_XCLIENT: (("220", Relay.NOT_RELAYED, "replay_hello"), ("*", Relay.NOT_RELAYED, "xclient_refused")),
 }
 del _
 
 
-def transition(exchange: Exchange, code: int) -> tuple[Relay, str | None]:
-    """How the session answers ``code`` to ``exchange``: relayed as what, then what."""
+def transition(exchange: Exchange, code: int, xclient_due: bool = False) -> tuple[Relay, str | None]:
+    """How the session answers ``code`` to ``exchange``: relayed as what, then what.
+
+    ``xclient_due``: the reply is an EHLO reply offering XCLIENT, not yet used here.
+    """
     if code == 421 and exchange not in REPLAY:
         return Relay.AS_IS, "upstream_closing"
     text, klass = str(code), f"{code // 100}xx"
+    patterns = (text, klass, "*", *((f"{klass}+XCLIENT",) if xclient_due else ()))
     for pattern, relay, then in TRANSITIONS[exchange]:
-        if pattern in (text, klass, "*"):
+        if pattern in patterns:
             return relay, then
     raise AssertionError(f"no row for {exchange.name} {code}")  # every row list ends with "*"
 
 
 # Never forwarded: the proxy would go blind inside TLS (RFC 3207), or could not frame
 # BDAT chunks (RFC 3030). Neither is advertised, so a client sending them gets 502.
+# XCLIENT and XFORWARD would let a client speak for pipeproxy to an MTA that trusts it:
+# refused as Postfix refuses an unauthorised client.
+NOT_AUTHORISED = reply(550, "5.7.0 Error: insufficient authorization")
 REFUSED = {
     "STARTTLS": reply(502, "5.5.1 Error: STARTTLS is not available through this proxy"),
     "BDAT": reply(502, "5.5.1 Error: BDAT is not available through this proxy"),
+    "XCLIENT": NOT_AUTHORISED,
+    "XFORWARD": NOT_AUTHORISED,
 }
+# An EHLO keyword the operator discards also turns off the command it names, as in
+# Postfix: hidden but still relayed would be a hole, not a policy.
+DISABLED_WITH_KEYWORD = {
+    "AUTH": reply(503, "5.5.1 Error: authentication not enabled"),
+    "ETRN": reply(502, "5.5.1 Error: command not implemented"),
+    "VRFY": reply(502, "5.5.1 Error: command not implemented"),
+    "EXPN": reply(502, "5.5.1 Error: command not implemented"),
+    "ATRN": reply(502, "5.5.1 Error: command not implemented"),
+}
+# Before the client's EHLO or HELO has let pipeproxy tell the upstream who the client is,
+# only these may pass (RFC 5321 §4.1.4 lets a server insist on EHLO/HELO first).
+BEFORE_HELLO = frozenset({"EHLO", "HELO", "NOOP", "RSET", "QUIT", "HELP"})
+SEND_HELLO_FIRST = reply(503, "5.5.1 Error: send HELO/EHLO first")
+EARLY_TALKER = reply(554, "5.5.1 Error: talking before the greeting, closing connection")
 UNAVAILABLE = reply(421, "4.4.2 Upstream server unavailable, closing connection")
 SHUTTING_DOWN = reply(421, "4.3.2 Service shutting down, closing connection")
 INTERNAL_ERROR = reply(421, "4.3.0 Error: internal error, closing connection")
@@ -250,13 +287,23 @@ class Session:
         self._held_since = 0.0
         self._groups = 0  # writes of replies to the client so far
         self._transaction: _Transaction | None = None
-        self._client: Address | None = None
+        self._client = Address("unknown", 0)
+        self._server: Address | None = None
+        self._session_id = ""
         self._client_eof = False
         self._client_lost = False  # writing to the client failed: say nothing more
         self._draining = False
         self._authenticated = False
         self._upstream = "none"  # the upstream connection: "connecting", "open" or "none"
         self._hello: tuple[Exchange, bytes] | None = None  # the client's accepted EHLO/HELO
+        self._hello_request: tuple[Exchange, bytes] | None = None  # its last EHLO/HELO sent
+        # Per upstream connection: has pipeproxy told it who the client is? "unknown"
+        # until an EHLO reply says whether XCLIENT is offered; then "done" or "none".
+        self._xclient = "none"
+        self._xclient_attributes: frozenset[str] = frozenset()
+        self._xforward_attributes: frozenset[str] | None = None  # None: not offered
+        self._mail_waiting: tuple[Exchange, bytes, bytes, str] | None = None  # for XFORWARD
+        self._early_talker_seen = False
         self._client_wait_since: float | None = None
         self._started = clock()
         self._outstanding: _Outstanding | None = None
@@ -279,6 +326,9 @@ class Session:
             return
         match event:
             case ClientData(data):
+                greeted = self._outstanding is None or self._outstanding.exchange is not GREETING
+                if not greeted and self._early_talker():
+                    return
                 self._input.feed(data)
                 if self._message is not None:
                     self._message.last_data = self._clock()
@@ -293,8 +343,8 @@ class Session:
             case ClientClosed():
                 self._client_eof = True
                 self._advance()
-            case ClientConnected(client):
-                self._client = client
+            case ClientConnected(client, server, session):
+                self._client, self._server, self._session_id = client, server, session
                 self._log(L.SESSION_OPEN)
                 self._connect_upstream(GREETING)
             case UpstreamClosed():
@@ -319,6 +369,17 @@ class Session:
             case ShutDown():
                 self._abandon_message("shutdown")
                 self._fail(SHUTTING_DOWN, "pipeproxy shut down", owed=SHUTTING_DOWN)
+
+    def _early_talker(self) -> bool:
+        """The client sent before the greeting; whether that ended the session."""
+        if not self._early_talker_seen:
+            self._early_talker_seen = True
+            self._log(L.EARLY_TALKER, action=self.config.early_talkers)
+        if self.config.early_talkers != "reject":
+            return False
+        self._hold(EARLY_TALKER)
+        self._close("client talked before the greeting")
+        return True
 
     def _crash(self, trace: str) -> None:
         """A bug: say so in the log, and end the session with a 421, never a silent EOF."""
@@ -427,7 +488,19 @@ class Session:
         if verb in REFUSED:
             self._refuse(verb, REFUSED[verb], "not relayable")
             return
+        if verb in DISABLED_WITH_KEYWORD and verb in self.config.discard_ehlo_keywords:
+            self._refuse(verb, DISABLED_WITH_KEYWORD[verb], "extension discarded")
+            return
+        if self._xclient == "unknown" and verb not in BEFORE_HELLO:
+            # Forwarded now, it would reach the upstream as from pipeproxy's address.
+            self._refuse(verb, SEND_HELLO_FIRST, "no EHLO or HELO yet")
+            return
         exchange = VERBS.get(verb, OTHER)
+        if exchange in (EHLO, HELO):
+            self._hello_request = (exchange, argument)
+            if exchange is HELO and self._xclient == "unknown":
+                self._send(HELO_PROBE, argument, _hello_line(b"EHLO", argument), verb)
+                return
         transaction = self._transaction
         if exchange is MAIL:
             self._end_transaction(None, "new MAIL command")
@@ -444,7 +517,33 @@ class Session:
             transaction.recipients += 1
         elif exchange in (RSET, HELO, EHLO, QUIT):
             self._end_transaction(None, f"{verb} command")
+        if exchange is MAIL and self._xforward_attributes is not None:
+            self._mail_waiting = (exchange, argument, line, verb)
+            self._send(XFORWARD, b"", command_line(b"XFORWARD", self._identity(), self._xforward_attributes))
+            return
         self._send(exchange, argument, line, verb)
+
+    def _identity(self) -> ClientIdentity:
+        hello, argument = self._hello_request or (HELO, b"")
+        return ClientIdentity(self._client, self._server, argument, hello is EHLO, self._session_id)
+
+    def _learn_extensions(self, upstream_reply: Reply) -> bool:
+        """Note what an EHLO reply offers; whether XCLIENT is offered and still to be sent."""
+        if upstream_reply.code in (500, 502) and self._xclient == "unknown":
+            self._xclient = "none"  # no ESMTP: no XCLIENT, ever, on this connection
+        if upstream_reply.code // 100 != 2:
+            return False
+        extensions = offered(upstream_reply)
+        self._xforward_attributes = None
+        if self.config.xforward == "auto" and "XFORWARD" in extensions:
+            self._xforward_attributes = offered_attributes(extensions["XFORWARD"])
+        if self._xclient != "unknown":
+            return False
+        if "XCLIENT" not in extensions:
+            self._xclient = "none"
+            return False
+        self._xclient_attributes = offered_attributes(extensions["XCLIENT"])
+        return True
 
     def _refuse(self, verb: str, answer: Reply, reason: str) -> None:
         """Answer a command here, never forwarding it, and say why in the log."""
@@ -474,7 +573,8 @@ class Session:
                 L.COMMAND, verb=pending.verb, code=upstream_reply.code, upstream_wait=round(waited, 6),
                 group=self._groups + 1,
             )
-        relay, then = transition(exchange, upstream_reply.code)
+        xclient_due = exchange in (EHLO, HELO_PROBE, REPLAY_EHLO) and self._learn_extensions(upstream_reply)
+        relay, then = transition(exchange, upstream_reply.code, xclient_due)
         if relay is Relay.EHLO_REWRITTEN:
             upstream_reply, removed = rewrite_ehlo(
                 upstream_reply, self.config.discard_ehlo_keywords, self.config.max_message_size
@@ -547,13 +647,59 @@ class Session:
         # cannot be answered by it.
         self._fail(None, f"upstream answered {pending.exchange.name} with 421")
 
+    def _then_xclient(self, pending: _Outstanding, upstream_reply: Reply) -> None:
+        line = command_line(b"XCLIENT", self._identity(), self._xclient_attributes)
+        self._log(L.XCLIENT_SENT, attributes=[part.partition(b"=")[0].decode() for part in line.split()[1:]])
+        self._send(REPLAY_XCLIENT if pending.exchange in REPLAY else XCLIENT, b"", line)
+
+    def _then_replay_xclient(self, pending: _Outstanding, upstream_reply: Reply) -> None:
+        self._then_xclient(pending, upstream_reply)
+
+    def _then_xclient_accepted(self, pending: _Outstanding, upstream_reply: Reply) -> None:
+        # The session restarted with a new 220 (Postfix's XCLIENT_README): the client's
+        # EHLO or HELO goes again, and its reply is the one the client sees.
+        self._xclient = "done"
+        assert self._hello_request is not None
+        hello, argument = self._hello_request
+        self._send(hello, argument, _hello_line(hello.name.encode(), argument))
+
+    def _then_xclient_refused(self, pending: _Outstanding, upstream_reply: Reply) -> None:
+        # Going on would make the client pipeproxy: fail closed.
+        self._log(L.XCLIENT_REFUSED, code=upstream_reply.code, reply=upstream_reply.text)
+        reason = f"upstream refused XCLIENT ({upstream_reply.code})"
+        self._fail(UNAVAILABLE, reason, in_flight=pending.exchange is XCLIENT)
+
+    def _then_helo_after_probe(self, pending: _Outstanding, upstream_reply: Reply) -> None:
+        self._send(HELO, pending.argument, _hello_line(b"HELO", pending.argument))
+
+    def _then_mail_after_xforward(self, pending: _Outstanding, upstream_reply: Reply) -> None:
+        assert self._mail_waiting is not None
+        exchange, argument, line, verb = self._mail_waiting
+        self._mail_waiting = None
+        self._send(exchange, argument, line, verb)
+
+    def _then_xforward_refused(self, pending: _Outstanding, upstream_reply: Reply) -> None:
+        # XFORWARD only feeds the MTA's logs: the mail goes on without it.
+        self._log(L.XFORWARD_REFUSED, code=upstream_reply.code, reply=upstream_reply.text)
+        self._then_mail_after_xforward(pending, upstream_reply)
+
     def _then_replay_hello(self, pending: _Outstanding, upstream_reply: Reply) -> None:
+        if pending.exchange is REPLAY_XCLIENT:
+            self._xclient = "done"
         assert self._hello is not None
         exchange, argument = self._hello
-        if exchange is EHLO:
+        # A HELO client's session is probed with EHLO first, as at the start.
+        if exchange is EHLO or self._xclient == "unknown":
             self._send(REPLAY_EHLO, argument, _hello_line(b"EHLO", argument))
         else:
             self._send(REPLAY_HELO, argument, _hello_line(b"HELO", argument))
+
+    def _then_replay_ehlo_done(self, pending: _Outstanding, upstream_reply: Reply) -> None:
+        assert self._hello is not None
+        if self._hello[0] is EHLO:
+            self._then_replayed(pending, upstream_reply)
+        else:
+            self._send(REPLAY_HELO, pending.argument, _hello_line(b"HELO", pending.argument))
 
     def _then_replay_helo(self, pending: _Outstanding, upstream_reply: Reply) -> None:
         self._send(REPLAY_HELO, pending.argument, _hello_line(b"HELO", pending.argument))
@@ -632,6 +778,8 @@ class Session:
 
     def _connect_upstream(self, greeting: Exchange) -> None:
         self._upstream = "connecting"
+        self._xclient = "unknown" if self.config.xclient == "auto" else "none"
+        self._xforward_attributes = None
         self._expect(greeting)
         self._emit(ConnectUpstream())
 

@@ -8,6 +8,7 @@ operator can act on. Nothing here knows about argparse.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -74,9 +75,17 @@ def on_off(text: str) -> bool:
     return text == "on"
 
 
+def network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """A CIDR block (``192.0.2.0/24``, ``2001:db8::/32``) or one address (a /32 or /128)."""
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP address or CIDR block") from None
+
+
 def show(value: Any) -> str:
     """A default as an operator would write it: 30 not 30.0, none for nothing."""
-    if value is None or value == frozenset():
+    if value is None or value == frozenset() or value == ():
         return "none"
     if isinstance(value, float):
         return f"{value:g}"

@@ -23,6 +23,7 @@ import secrets
 import structlog
 import trio
 
+from ..core import proxy_protocol
 from ..core.actions import (
     Action,
     Close,
@@ -67,8 +68,10 @@ class Connection:
         self.client = client
         self.config = config
         self.client_address = real_client or streams.peer_address(client)
+        self.server_address = streams.local_address(client)
+        self.id = secrets.token_hex(6)
         self.log = structlog.get_logger("pipeproxy.session").bind(
-            session=secrets.token_hex(6), client=str(self.client_address), upstream=str(config.upstream)
+            session=self.id, client=str(self.client_address), upstream=str(config.upstream)
         )
         self.session = Session(config, clock=trio.current_time)
         self._early = early
@@ -89,7 +92,7 @@ class Connection:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._watch_deadline)
-                await self._event(ClientConnected(self.client_address))
+                await self._event(ClientConnected(self.client_address, self.server_address, self.id))
                 if self._early:
                     await self._event(ClientData(self._early))
                 nursery.start_soon(self._read_client)
@@ -199,7 +202,10 @@ class Connection:
         with trio.move_on_at(min(self.session.deadline, limit)):
             try:
                 stream = await trio.open_tcp_stream(host, port)
-            except OSError as error:
+                if (version := self.config.upstream_proxy_protocol) != "off":
+                    # First on the connection: who the client is, and where it came in.
+                    await stream.send_all(proxy_protocol.header(version, self.client_address, self.server_address))
+            except (OSError, trio.BrokenResourceError) as error:
                 return UpstreamFailed(f"upstream unreachable: {error}")
             self.upstream = stream
             assert self._nursery is not None

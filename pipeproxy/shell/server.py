@@ -9,7 +9,8 @@ after it whatever is left is ended with 421.
 
 With ``proxy_protocol`` on, each connection must start with a PROXY header (v1 or v2)
 naming the real client, which the logs then show; a connection without a valid one
-is closed and logged.
+is closed and logged. The real client is then judged at the door: the allow and deny
+lists (554) and the sessions it already has (421), before any upstream session opens.
 
 With ``shared=True`` the listening sockets set SO_REUSEPORT, so several worker
 processes can listen on one port and the kernel spreads connections between them.
@@ -17,6 +18,7 @@ processes can listen on one port and the kernel spreads connections between them
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import socket
 from collections.abc import Awaitable, Callable
@@ -24,11 +26,11 @@ from collections.abc import Awaitable, Callable
 import structlog
 import trio
 
+from ..core import access, proxy_protocol
 from ..core import logschema as L
-from ..core import proxy_protocol
 from ..core.config import Address, Config
 from ..core.logschema import write
-from ..core.wire import reply
+from ..core.wire import Reply, reply
 from . import streams
 from .connection import Connection
 
@@ -37,6 +39,8 @@ from .connection import Connection
 # retransmission timeout (RFC 6298 §2.1). The kernel caps this at net.core.somaxconn.
 BACKLOG = 4096
 TOO_MANY_SESSIONS = reply(421, "4.7.0 Error: too many sessions, try again later")
+TOO_MANY_FROM_CLIENT = reply(421, "4.7.0 Error: too many connections from your address, try again later")
+ACCESS_DENIED = reply(554, "5.7.1 Error: access denied")
 REFUSAL_TIMEOUT = 5.0
 # After the grace period, how long sessions get to deliver their 421 and close.
 FINAL_CLOSE_TIMEOUT = 5.0
@@ -66,6 +70,7 @@ class Server:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.connections: set[Connection] = set()
+        self._per_client: collections.Counter[str] = collections.Counter()  # open sessions by client
         self._log = structlog.get_logger("pipeproxy.server")
         self._accepting = trio.CancelScope()
         self._hurry = trio.CancelScope()
@@ -138,17 +143,28 @@ class Server:
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         if len(self.connections) >= self.config.max_sessions:
-            await self._refuse(stream)
+            write(self._log, L.TOO_MANY_SESSIONS, max_sessions=self.config.max_sessions)
+            await _refuse(stream, TOO_MANY_SESSIONS)
             return
-        client, early = None, b""
+        client, early = streams.peer_address(stream), b""
         if self.config.proxy_protocol:
             try:
-                client, early = await _read_proxy_header(stream)
+                real, early = await _read_proxy_header(stream)
             except (ValueError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as error:
-                peer = streams.peer_address(stream)
-                write(self._log, L.BAD_PROXY_HEADER, peer=str(peer), error=str(error) or "timeout")
+                write(self._log, L.BAD_PROXY_HEADER, peer=str(client), error=str(error) or "timeout")
                 await stream.aclose()
                 return
+            client = real or client
+        if reason := access.refusal(client.host, self.config.allow, self.config.deny):
+            write(self._log, L.CLIENT_REFUSED, client=str(client), reason=reason)
+            await _refuse(stream, ACCESS_DENIED)
+            return
+        key = str(access.client_ip(client.host) or client.host)
+        if 0 < self.config.max_sessions_per_client <= self._per_client[key]:
+            write(self._log, L.CLIENT_REFUSED, client=str(client), reason="too many sessions from this client")
+            await _refuse(stream, TOO_MANY_FROM_CLIENT)
+            return
+        self._per_client[key] += 1
         connection = Connection(stream, self.config, client, early)
         self.connections.add(connection)
         try:
@@ -159,15 +175,19 @@ class Server:
             self._log.exception(L.SESSION_FAILED.name)
         finally:
             self.connections.discard(connection)
+            self._per_client[key] -= 1
+            if not self._per_client[key]:
+                del self._per_client[key]
             self._changed.unpark_all()
 
-    async def _refuse(self, stream: trio.SocketStream) -> None:
-        # At once, not a hang: the client can try again or go to another MX.
-        write(self._log, L.TOO_MANY_SESSIONS, max_sessions=self.config.max_sessions)
-        with trio.move_on_after(REFUSAL_TIMEOUT):
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await stream.send_all(TOO_MANY_SESSIONS.serialise())
-        await stream.aclose()
+
+async def _refuse(stream: trio.SocketStream, answer: Reply) -> None:
+    """Say ``answer`` and close, at once, not a hang: the client can try again later or
+    go to another MX. No upstream session is opened for it."""
+    with trio.move_on_after(REFUSAL_TIMEOUT):
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.send_all(answer.serialise())
+    await stream.aclose()
 
 
 async def _read_proxy_header(stream: trio.SocketStream) -> tuple[Address | None, bytes]:
