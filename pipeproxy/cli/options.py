@@ -99,7 +99,10 @@ def to_config(parser: argparse.ArgumentParser, args: argparse.Namespace, environ
                 parser.error(f"{setting.flag} {metavar(setting)} (or {variable(setting)}) is required")
             continue
         given[name] = setting.gather(value) if setting.gather else value
-    return Config(**given)
+    try:
+        return Config(**given)
+    except ValueError as error:  # settings that do not fit together
+        parser.error(str(error))
 
 
 def from_environment(parser: argparse.ArgumentParser, setting: Setting, environ: Mapping[str, str]) -> Any:

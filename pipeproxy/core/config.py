@@ -211,6 +211,18 @@ class Config:
         "--early-talkers", "EARLY_TALKERS", str, choices=("allow", "reject"),
         help="a client that sends before the greeting (spam software does, a real client waits): allow "
         "logs it; reject answers 554 and closes, as Exim's smtp_enforce_sync and postscreen do"))
+    log_addresses: str = field(default="full", metadata=setting(
+        "--log-addresses", "LOG_ADDRESSES", str, choices=("full", "domain", "hash"),
+        help="mail addresses in the logs: full, as MTAs log them; domain: @example.com only; hash: a keyed "
+        "hash of the address then its domain, searchable but not readable (needs --log-hash-key)"))
+    log_hash_key: str = field(default="", metadata=setting(
+        "--log-hash-key", "LOG_HASH_KEY", str, metavar="SECRET",
+        help="the key of --log-addresses hash; the same key gives the same hashes in every process and "
+        "restart; a secret: never logged"))
+    transcript: bool = field(default=False, metadata=setting(
+        "--transcript", "TRANSCRIPT", values.on_off, choices=("off", "on"),
+        help="on: one log line per command and per reply (never message content; AUTH data redacted); "
+        "about four lines per command more"))
     bare_line_endings: BareLineEndings = field(default=BareLineEndings.NEUTRALISE, metadata=setting(
         "--bare-line-endings", "BARE_LINE_ENDINGS", BareLineEndings, choices=tuple(p.value for p in BareLineEndings),
         help="bare CR, bare LF or NUL in message content: neutralise turns CR and LF into CRLF and drops "
@@ -218,3 +230,7 @@ class Config:
     timeouts: Timeouts = field(default_factory=Timeouts, metadata=setting(
         "--timeout", "TIMEOUTS", values.timeout(TIMEOUT_NAMES), metavar="NAME=SECONDS", gather=_timeouts,
         help="override one timeout; the defaults are RFC 5321 4.5.3.2's"))
+
+    def __post_init__(self) -> None:
+        if self.log_addresses == "hash" and not self.log_hash_key:
+            raise ValueError("--log-addresses hash needs --log-hash-key (or PIPEPROXY_LOG_HASH_KEY)")

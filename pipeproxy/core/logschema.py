@@ -31,7 +31,7 @@ def _event(name: str, level: str, fields: str, doc: str) -> LogEvent:
 
 
 # -- one session (the core) ------------------------------------------------------------
-SESSION_OPEN = _event("session open", "info", "", "a client connected")
+SESSION_OPEN = _event("session open", "info", "server", "a client connected (to server, pipeproxy's address)")
 SESSION_CLOSED = _event(
     "session closed",
     "info",
@@ -56,8 +56,10 @@ COMMAND = _event(
 TRANSACTION = _event(
     "transaction",
     "info",
-    "sender recipients_accepted recipients_rejected size reply_code reply outcome upstream_wait groups",
-    "one mail transaction, MAIL to its final reply: the canonical line per message",
+    "helo sender recipients recipients_accepted recipients_rejected size message_id queue_id reply_code reply "
+    "outcome upstream_wait groups",
+    "one mail transaction, MAIL to its final reply: the canonical line per message; recipients lists "
+    "each one's address, code and (when refused) the reply text; queue_id is the MTA's, from its final reply",
 )
 MESSAGE_ABANDONED = _event(
     "message abandoned, upstream closed without final dot",
@@ -72,6 +74,13 @@ UPSTREAM_RECONNECTING = _event(
     "pipeproxy dropped the upstream connection mid-message and opens a new one for the session",
 )
 UPSTREAM_RECONNECTED = _event("upstream reconnected", "info", "", "greeting and EHLO replayed; the session goes on")
+TRANSCRIPT = _event(
+    "transcript",
+    "info",
+    "direction line code text",
+    "with --transcript: a command (line) from the client or pipeproxy's own to the upstream, or a "
+    "reply (code, text) from the upstream or pipeproxy's own to the client; never content or AUTH data",
+)
 XCLIENT_SENT = _event(
     "xclient sent", "info", "attributes", "the upstream was told who the client is (attribute names only)"
 )

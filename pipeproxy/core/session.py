@@ -54,6 +54,7 @@ from .events import (
     UpstreamFailed,
 )
 from .identity import ClientIdentity, command_line, offered_attributes
+from .message import HeaderScanner, queue_id, show_address
 from .wire import (
     CRLF,
     MAX_AUTH_LINE,
@@ -156,7 +157,7 @@ TRANSITIONS: dict[Exchange, tuple[tuple[str, Relay, str | None], ...]] = {
     AUTH: (("334", _, "sasl"), ("2xx", _, "authenticated"), ("*", _, "auth_over")),
     SASL: (("334", _, "sasl"), ("2xx", _, "authenticated"), ("*", _, "auth_over")),
     MAIL: (("2xx", _, None), ("*", _, "mail_refused")),
-    RCPT: (("2xx", _, "rcpt_accepted"), ("*", _, "rcpt_refused")),
+    RCPT: (("*", _, "rcpt_answered"),),
     RSET: (("*", _, None),),
     LEGACY_FROM: (("*", _, None),),
     DATA: (("354", _, "content"), ("*", _, "data_refused")),
@@ -255,12 +256,26 @@ class _Transaction:
     """One mail transaction, MAIL to its final reply, for the canonical log line."""
 
     sender: str
-    recipients: int = 0  # RCPT commands sent upstream
+    helo: str | None  # the client's EHLO/HELO name
+    rcpt_sent: int = 0  # RCPT commands sent upstream
     accepted: int = 0
     rejected: int = 0
+    # Each recipient's answer: {"address", "code"} and, when refused, the "reply" text.
+    recipients: list[dict[str, Any]] = field(default_factory=list)
     size: int = 0
+    message_id: str | None = None
+    queue_id: str | None = None
     upstream_wait: float = 0.0
     groups: list[int] = field(default_factory=list)
+
+    def answered(self, address: str, answer: Reply) -> None:
+        self.recipients.append(
+            {"address": address, "code": answer.code, **({"reply": answer.text} if answer.code >= 400 else {})}
+        )
+        if answer.code < 400:
+            self.accepted += 1
+        else:
+            self.rejected += 1
 
 
 @dataclass(slots=True)
@@ -271,6 +286,7 @@ class _Message:
     stuffer: Stuffer
     started: float
     last_data: float
+    headers: HeaderScanner = field(default_factory=HeaderScanner)
 
 
 class Session:
@@ -345,7 +361,7 @@ class Session:
                 self._advance()
             case ClientConnected(client, server, session):
                 self._client, self._server, self._session_id = client, server, session
-                self._log(L.SESSION_OPEN)
+                self._log(L.SESSION_OPEN, server=str(server) if server else None)
                 self._connect_upstream(GREETING)
             case UpstreamClosed():
                 self._abandon_message("upstream closed the connection")
@@ -480,11 +496,14 @@ class Session:
     def _on_line(self, line: bytes) -> None:
         if self._mode is Mode.SASL:
             # A SASL response, not a command: relayed, never logged (RFC 4954 §4).
+            self._transcript("client", line="[SASL response]")
             self._send(SASL, b"", line)
             return
         self.commands += 1
         verb_octets, _, argument = line.partition(b" ")
         verb = verb_octets.decode("ascii", "replace").upper()
+        if self.config.transcript:
+            self._transcript("client", line=self._redacted(verb, argument))
         if verb in REFUSED:
             self._refuse(verb, REFUSED[verb], "not relayable")
             return
@@ -509,12 +528,14 @@ class Session:
             if self.config.max_message_size and declared and _over(declared[1], self.config.max_message_size):
                 self._refuse(verb, TOO_BIG, "declared SIZE over the limit")
                 return
-            self._transaction = _Transaction(sender=mailbox(text))
+            helo = self._hello[1].decode("utf-8", "surrogateescape") if self._hello else None
+            self._transaction = _Transaction(sender=self._show(mailbox(text)), helo=helo)
         elif exchange is RCPT and transaction is not None:
-            if transaction.recipients >= self.config.max_recipients:
+            if transaction.rcpt_sent >= self.config.max_recipients:
+                transaction.answered(self._recipient(argument), TOO_MANY_RECIPIENTS)
                 self._refuse(verb, TOO_MANY_RECIPIENTS, "too many recipients")
                 return
-            transaction.recipients += 1
+            transaction.rcpt_sent += 1
         elif exchange in (RSET, HELO, EHLO, QUIT):
             self._end_transaction(None, f"{verb} command")
         if exchange is MAIL and self._xforward_attributes is not None:
@@ -545,12 +566,29 @@ class Session:
         self._xclient_attributes = offered_attributes(extensions["XCLIENT"])
         return True
 
+    def _redacted(self, verb: str, argument: bytes) -> str:
+        """A command as the transcript shows it: AUTH data out, addresses as configured."""
+        text = argument.decode("utf-8", "surrogateescape")
+        if verb == "AUTH":
+            mechanism, _, initial = text.partition(" ")
+            return f"AUTH {mechanism}" + (" [redacted]" if initial else "")
+        if verb in ("MAIL", "RCPT") and self.config.log_addresses != "full":
+            return f"{verb} {text.partition(':')[0]}:<{self._show(mailbox(text))}>"
+        return f"{verb} {text}".rstrip()
+
+    def _transcript(self, direction: str, **fields: Any) -> None:
+        if self.config.transcript:
+            self._log(L.TRANSCRIPT, direction=direction, **fields)
+
     def _refuse(self, verb: str, answer: Reply, reason: str) -> None:
         """Answer a command here, never forwarding it, and say why in the log."""
         self._log(L.COMMAND_REFUSED, verb=verb or None, reason=reason)
+        self._transcript("to client", code=answer.code, text=answer.text)
         self._answer(answer, groupable=VERBS.get(verb, OTHER).groupable)
 
     def _send(self, exchange: Exchange, argument: bytes, line: bytes, verb: str = "") -> None:
+        if exchange.proxy and self.config.transcript:
+            self._transcript("to upstream", line=line.decode("utf-8", "surrogateescape"))
         self._expect(exchange, argument, verb)
         self._emit(ToUpstream(line + CRLF))
 
@@ -564,6 +602,7 @@ class Session:
         assert pending is not None
         self._outstanding = None
         exchange = pending.exchange
+        self._transcript("upstream", code=upstream_reply.code, text=upstream_reply.text)
         waited = self._clock() - pending.sent_at
         if self._transaction is not None:
             self._transaction.upstream_wait += waited
@@ -615,13 +654,15 @@ class Session:
     def _then_mail_refused(self, pending: _Outstanding, upstream_reply: Reply) -> None:
         self._end_transaction(upstream_reply, "MAIL refused")
 
-    def _then_rcpt_accepted(self, pending: _Outstanding, upstream_reply: Reply) -> None:
+    def _then_rcpt_answered(self, pending: _Outstanding, upstream_reply: Reply) -> None:
         if self._transaction is not None:
-            self._transaction.accepted += 1
+            self._transaction.answered(self._recipient(pending.argument), upstream_reply)
 
-    def _then_rcpt_refused(self, pending: _Outstanding, upstream_reply: Reply) -> None:
-        if self._transaction is not None:
-            self._transaction.rejected += 1
+    def _recipient(self, argument: bytes) -> str:
+        return self._show(mailbox(argument.decode("utf-8", "surrogateescape")))
+
+    def _show(self, address: str) -> str:
+        return show_address(address, self.config.log_addresses, self.config.log_hash_key.encode())
 
     def _then_content(self, pending: _Outstanding, upstream_reply: Reply) -> None:
         now = self._clock()
@@ -634,6 +675,8 @@ class Session:
 
     def _then_delivered(self, pending: _Outstanding, upstream_reply: Reply) -> None:
         self.messages += 1
+        if self._transaction is not None:
+            self._transaction.queue_id = queue_id(upstream_reply.text)
         self._end_transaction(upstream_reply, "message accepted")
 
     def _then_not_delivered(self, pending: _Outstanding, upstream_reply: Reply) -> None:
@@ -728,6 +771,7 @@ class Session:
         assert message is not None
         content = self._input.read_content(message.unstuffer)
         if content:
+            message.headers.feed(content)
             if self.config.max_message_size and message.unstuffer.size > self.config.max_message_size:
                 message.stuffer.refuse(TOO_BIG_REASON)
             if framed := message.stuffer.frame(content):
@@ -745,7 +789,9 @@ class Session:
         self._message = None
         self._mode = Mode.COMMAND
         if self._transaction is not None:
+            message.headers.finish()
             self._transaction.size = message.unstuffer.size
+            self._transaction.message_id = message.headers.message_id
         end = b"" if message.stuffer.refused else message.stuffer.finish()
         if message.stuffer.refused:  # also by finish(): a last bare CR under the reject policy
             self._drop_upstream()
@@ -852,6 +898,7 @@ class Session:
         # Mid-message the input is content (an undecided tail of it), not commands.
         lines = 0 if self._mode is Mode.CONTENT else self._input.count_lines()
         if notice is not None:
+            self._transcript("to client", code=notice.code, text=notice.text)
             self._hold(notice)
             lines -= 0 if in_flight or not lines else 1
         for _ in range(lines):
@@ -888,10 +935,14 @@ class Session:
         self._transaction = None
         self._log(
             L.TRANSACTION,
+            helo=transaction.helo,
             sender=transaction.sender,
+            recipients=transaction.recipients,
             recipients_accepted=transaction.accepted,
             recipients_rejected=transaction.rejected,
             size=transaction.size,
+            message_id=transaction.message_id,
+            queue_id=transaction.queue_id,
             reply_code=final.code if final else None,
             reply=final.text if final else None,
             outcome=outcome,

@@ -85,7 +85,7 @@ def network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
 
 def show(value: Any) -> str:
     """A default as an operator would write it: 30 not 30.0, none for nothing."""
-    if value is None or value == frozenset() or value == ():
+    if value is None or value == frozenset() or value == () or value == "":
         return "none"
     if isinstance(value, float):
         return f"{value:g}"
