@@ -69,13 +69,21 @@ def postfix_helo_only():
     yield from _postfix(helo_only=True)
 
 
-def _postfix(helo_only: bool):
+@pytest.fixture(scope="session")
+def postfix_front_door():
+    """A Postfix that judges clients by address: only 127.0.0.1 may relay to other domains
+    (127.0.0.2 is outside ``mynetworks``), only 127.0.0.1 may send XCLIENT, and a second
+    listener (``proxy_port``) reads a PROXY header first and judges the client it names."""
+    yield from _postfix(mynetworks="127.0.0.1/32", xclient_hosts="127.0.0.1", proxy_protocol=True)
+
+
+def _postfix(**options):
     from postfix import PrivatePostfix
 
     # Not pytest's tmp_path: that is private to root, and Postfix's own users must reach it.
     root = Path(tempfile.mkdtemp(prefix="pipeproxy-postfix-"))
     root.chmod(0o755)
-    instance = PrivatePostfix(root, helo_only=helo_only)
+    instance = PrivatePostfix(root, **options)
     try:
         instance.start()
         yield instance

@@ -5,13 +5,21 @@ listens on a free port; nothing touches the system instance or port 25. It hides
 PIPELINING (``smtpd_discard_ehlo_keywords``) and refuses early input
 (``reject_unauth_pipelining`` in every restriction list, and
 ``smtpd_forbid_unauth_pipelining``). Every recipient in legacy.test is delivered to one
-Maildir, so a test can read what really arrived.
+Maildir, so a test can read what really arrived; mail for any other domain (relayed for
+a client Postfix trusts) is discarded, never sent out.
 
 Postfix only looks for early input after EHLO, HELO, DATA, NOOP and VRFY in an ESMTP
 session, but after every command in a HELO session (seen with Postfix 3.7.11; postconf(5)
 on ``reject_unauth_pipelining`` describes the check). ``helo_only=True`` turns EHLO into
 an unknown verb with ``smtpd_command_filter``, so clients fall back to HELO and every
 command is checked.
+
+The keyword options make a front door to test who Postfix thinks the client is:
+``mynetworks`` (who may relay to other domains; ``127.0.0.1/32`` leaves 127.0.0.2
+outside), ``xclient_hosts`` (``smtpd_authorized_xclient_hosts``: who may send XCLIENT)
+and ``proxy_protocol`` (a second listener, on ``proxy_port``, that expects a PROXY v1 or
+v2 header first: ``smtpd_upstream_proxy_protocol = haproxy``, with XCLIENT not offered
+there). Client ports are logged, so the maillog tells one 127.0.0.1 client from another.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from peers import unused_port
 
 MASTER_CF = """\
 {listen} inet n - n - - smtpd
-pickup    unix  n - n 60 1 pickup
+{proxy_listen}pickup    unix  n - n 60 1 pickup
 cleanup   unix  n - n -  0 cleanup
 qmgr      unix  n - n 300 1 qmgr
 rewrite   unix  - - n -  - trivial-rewrite
@@ -60,7 +68,7 @@ inet_interfaces = 127.0.0.1
 inet_protocols = ipv4
 myhostname = legacy.test
 mydestination =
-mynetworks = 127.0.0.0/8
+mynetworks = {mynetworks}
 alias_maps =
 alias_database =
 virtual_mailbox_domains = legacy.test
@@ -71,6 +79,9 @@ virtual_gid_maps = static:{gid}
 maillog_file = {root}/maillog
 maillog_file_prefixes = {root}
 biff = no
+default_transport = discard
+smtpd_peername_lookup = no
+smtpd_client_port_logging = yes
 smtpd_discard_ehlo_keywords = pipelining
 smtpd_forbid_unauth_pipelining = yes
 smtpd_helo_restrictions = reject_unauth_pipelining
@@ -81,11 +92,18 @@ smtpd_data_restrictions = reject_unauth_pipelining
 
 
 class PrivatePostfix:
-    def __init__(self, root: Path, *, helo_only: bool) -> None:
+    def __init__(
+        self, root: Path, *, helo_only: bool = False, mynetworks: str = "127.0.0.0/8", xclient_hosts: str = "",
+        proxy_protocol: bool = False,
+    ) -> None:
         self.root = root
         self.config_dir = root / "etc"
         self.port = unused_port()
         self.helo_only = helo_only
+        self.mynetworks = mynetworks
+        self.xclient_hosts = xclient_hosts
+        # The listener that wants a PROXY header first; None without one.
+        self.proxy_port = unused_port() if proxy_protocol else None
 
     @property
     def maillog(self) -> str:
@@ -102,12 +120,22 @@ class PrivatePostfix:
             (self.root / name).mkdir(parents=True, exist_ok=True)
         shutil.chown(self.root / "data", "postfix")
         os.chown(self.root / "mail", nobody.pw_uid, nobody.pw_gid)
-        main_cf = MAIN_CF.format(root=self.root, uid=nobody.pw_uid, gid=nobody.pw_gid)
+        main_cf = MAIN_CF.format(root=self.root, uid=nobody.pw_uid, gid=nobody.pw_gid, mynetworks=self.mynetworks)
+        if self.xclient_hosts:
+            main_cf += f"smtpd_authorized_xclient_hosts = {self.xclient_hosts}\n"
         if self.helo_only:
             (self.config_dir / "command_filter").write_text("/^[Ee][Hh][Ll][Oo]( .*)?$/ XEHLO$1\n")
             main_cf += f"smtpd_command_filter = regexp:{self.config_dir}/command_filter\n"
         (self.config_dir / "main.cf").write_text(main_cf)
-        (self.config_dir / "master.cf").write_text(MASTER_CF.format(listen=f"127.0.0.1:{self.port}"))
+        proxy_listen = ""
+        if self.proxy_port is not None:
+            # The real client is the one in the header; XCLIENT is for the other listener.
+            proxy_listen = (
+                f"127.0.0.1:{self.proxy_port} inet n - n - - smtpd\n"
+                "  -o smtpd_upstream_proxy_protocol=haproxy\n  -o smtpd_authorized_xclient_hosts=\n"
+            )
+        master_cf = MASTER_CF.format(listen=f"127.0.0.1:{self.port}", proxy_listen=proxy_listen)
+        (self.config_dir / "master.cf").write_text(master_cf)
         # postfix(1) prints its errors only to a terminal: script(1) gives it one.
         result = subprocess.run(
             ["script", "-qec", f"postfix -c {self.config_dir} start", "/dev/null"],
@@ -115,19 +143,23 @@ class PrivatePostfix:
         )
         if result.returncode != 0:
             raise RuntimeError(f"postfix did not start: {result.stdout}{result.stderr}{self.maillog}")
-        self._wait_listening()
+        self._wait_listening(self.port)
+        if self.proxy_port is not None:
+            self._wait_listening(self.proxy_port, b"PROXY TCP4 127.0.0.1 127.0.0.1 1 %d\r\n" % self.proxy_port)
 
-    def _wait_listening(self, limit: float = 30.0) -> None:
+    def _wait_listening(self, port: int, header: bytes = b"", limit: float = 30.0) -> None:
         deadline = time.monotonic() + limit
         while True:
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
-                    sock.recv(512)
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                    sock.sendall(header)
+                    if not sock.recv(512).startswith(b"220"):
+                        raise OSError("no greeting yet")
                     sock.sendall(b"QUIT\r\n")
                     return
             except OSError:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"postfix is not listening on {self.port}:\n{self.maillog}") from None
+                    raise RuntimeError(f"postfix is not listening on {port}:\n{self.maillog}") from None
                 time.sleep(0.1)
 
     def stop(self) -> None:
