@@ -283,3 +283,19 @@ def test_the_xclient_line_carries_the_octets_of_a_non_utf8_helo_name():
     assert b"HELO=caf+E9.test" in run.new_upstream_bytes()
     run.feed(ClientData(b"QUIT\r\n"))
     assert run.new_upstream_bytes() == b"", "nothing more until XCLIENT is answered"
+
+
+def test_an_xclient_accepted_with_250_as_older_postfix_and_smtp_sink_answer_goes_on():
+    play(
+        GREETING
+        + [
+            (C, b"EHLO client.test\r\n"),
+            (TO_UPSTREAM, b"EHLO client.test\r\n"),
+            (U, EHLO_WITH_XCLIENT),
+            (TO_UPSTREAM, XCLIENT_LINE),
+            (U, b"250 2.0.0 Ok\r\n"),
+            (TO_UPSTREAM, b"EHLO client.test\r\n"),
+            (U, EHLO_WITH_XCLIENT),
+            (TO_CLIENT, CLIENTS_EHLO_REPLY),
+        ]
+    )

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeproxy.core.actions import Action, Close, ConnectUpstream, DropUpstream, Log, ToClient, ToUpstream
+from pipeproxy.core.actions import Action, Close, ConnectUpstream, DropUpstream, Log, StartTls, ToClient, ToUpstream
 from pipeproxy.core.config import Address, Config
 from pipeproxy.core.events import (
     ClientClosed,
@@ -37,6 +37,8 @@ from pipeproxy.core.events import (
     Event,
     ShutDown,
     Tick,
+    TlsEstablished,
+    TlsInfo,
     UpstreamClosed,
     UpstreamConnected,
     UpstreamData,
@@ -51,6 +53,8 @@ CLIENT_EOF, UPSTREAM_EOF, TIMEOUT, CLOSED = "client eof", "upstream eof", "timeo
 DRAIN, SHUTDOWN = "drain", "shut down"
 CLIENT_WRITE_FAILED, UPSTREAM_FAILED = "client write failed", "upstream failed"
 LOG, RECONNECTED = "log", "reconnected"
+TLS_UP = "tls established"  # the handshake a StartTls asked for succeeded
+TLS = TlsInfo("TLSv1.3", "TLS_AES_256_GCM_SHA384", "mx.legacy.test")
 CLIENT = Address("127.0.0.1", 40000)
 SERVER = Address("127.0.0.1", 2525)  # where the client connected
 SESSION = "5e55104"
@@ -117,6 +121,10 @@ class Run:
                 self.timeline.append(("connect", None))
             elif isinstance(action, DropUpstream):
                 self.timeline.append(("drop", None))
+            elif isinstance(action, StartTls):  # the shell says its 220, then starts TLS
+                self.client_writes.append(action.ready.serialise())
+                self.timeline.append(("client", action.ready.serialise()))
+                self.timeline.append(("starttls", None))
             else:
                 assert isinstance(action, Close)
                 self.closed = action
@@ -228,6 +236,9 @@ def play(steps: Sequence[Step], config: Config | None = None, cut: Cutter = whol
                 run.feed(UpstreamData(piece))
         elif kind in _SIMPLE_EVENTS:
             run.feed(_SIMPLE_EVENTS[kind]())
+        elif kind == TLS_UP:
+            assert "starttls" in [entry[0] for entry in run.timeline], "TLS up, but nobody asked"
+            run.feed(TlsEstablished(TLS))
         elif kind == TIMEOUT:
             run.clock.now = run.session.deadline
             run.feed(Tick())

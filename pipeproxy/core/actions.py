@@ -41,6 +41,16 @@ class DropUpstream:
 
 
 @dataclass(frozen=True, slots=True)
+class StartTls:
+    """Stop reading the client in clear, then write ``ready`` (the 220) in clear, then
+    start TLS as the server on the client's connection; answer with TlsEstablished or
+    TlsFailed. Reading stops before the 220 goes out, so nothing the client sends after it
+    (its ClientHello) can be read in clear."""
+
+    ready: Reply
+
+
+@dataclass(frozen=True, slots=True)
 class Log:
     """One log line; ``event`` and its fields are named in ``logschema``."""
 
@@ -57,4 +67,4 @@ class Close:
     clean: bool  # the client quit or hung up between commands; nothing went wrong
 
 
-Action = ToClient | ToUpstream | ConnectUpstream | DropUpstream | Log | Close
+Action = ToClient | ToUpstream | ConnectUpstream | DropUpstream | StartTls | Log | Close

@@ -75,6 +75,7 @@ class Timeouts:
     data_end: float = 600.0  # §4.5.3.2.6 final dot to reply; shorter risks duplicates
     command: float = 300.0  # any other command: 5 minutes, as for MAIL
     client_idle: float = 300.0  # §4.5.3.2.7 server waiting for the next command
+    tls_handshake: float = 60.0  # a client's TLS handshake, from STARTTLS or the connect
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +224,25 @@ class Config:
         "--transcript", "TRANSCRIPT", values.on_off, choices=("off", "on"),
         help="on: one log line per command and per reply (never message content; AUTH data redacted); "
         "about four lines per command more"))
+    tls_cert: str = field(default="", metadata=setting(
+        "--tls-cert", "TLS_CERT", str, metavar="FILE",
+        help="PEM certificate (chain allowed) for TLS toward clients; with --tls-key, pipeproxy offers "
+        "STARTTLS (RFC 3207) and terminates TLS itself, whatever the upstream has"))
+    tls_key: str = field(default="", metadata=setting(
+        "--tls-key", "TLS_KEY", str, metavar="FILE", help="the PEM private key of --tls-cert"))
+    tls_listen: tuple[Address, ...] = field(default=(), metadata=setting(
+        "--tls-listen", "TLS_LISTEN", Address.parse, metavar="HOST:PORT", gather=tuple,
+        help="also listen there for implicit TLS from the first byte (RFC 8314, port 465 style)"))
+    tls_min_version: str = field(default="1.2", metadata=setting(
+        "--tls-min-version", "TLS_MIN_VERSION", str, choices=("1.0", "1.1", "1.2", "1.3"),
+        help="the oldest TLS version clients may use"))
+    auth_without_tls: bool = field(default=False, metadata=setting(
+        "--auth-without-tls", "AUTH_WITHOUT_TLS", values.on_off, choices=("off", "on"),
+        help="on: offer and relay AUTH before STARTTLS too; off: with TLS configured, AUTH is hidden and "
+        "refused with 538 until the session is encrypted (Postfix's smtpd_tls_auth_only)"))
+    require_tls: bool = field(default=False, metadata=setting(
+        "--require-tls", "REQUIRE_TLS", values.on_off, choices=("off", "on"),
+        help="on: MAIL and AUTH before STARTTLS get 530 5.7.0 Must issue a STARTTLS command first"))
     bare_line_endings: BareLineEndings = field(default=BareLineEndings.NEUTRALISE, metadata=setting(
         "--bare-line-endings", "BARE_LINE_ENDINGS", BareLineEndings, choices=tuple(p.value for p in BareLineEndings),
         help="bare CR, bare LF or NUL in message content: neutralise turns CR and LF into CRLF and drops "
@@ -231,6 +251,15 @@ class Config:
         "--timeout", "TIMEOUTS", values.timeout(TIMEOUT_NAMES), metavar="NAME=SECONDS", gather=_timeouts,
         help="override one timeout; the defaults are RFC 5321 4.5.3.2's"))
 
+    @property
+    def tls(self) -> bool:
+        """Whether pipeproxy terminates TLS toward clients."""
+        return bool(self.tls_cert)
+
     def __post_init__(self) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key) or (self.tls_listen and not self.tls_cert):
+            raise ValueError("TLS needs both --tls-cert and --tls-key (and --tls-listen needs them too)")
+        if self.require_tls and not self.tls_cert:
+            raise ValueError("--require-tls needs --tls-cert and --tls-key")
         if self.log_addresses == "hash" and not self.log_hash_key:
             raise ValueError("--log-addresses hash needs --log-hash-key (or PIPEPROXY_LOG_HASH_KEY)")

@@ -15,12 +15,36 @@ from .config import Address
 
 
 @dataclass(frozen=True, slots=True)
+class TlsInfo:
+    """An established TLS session with the client."""
+
+    version: str  # "TLSv1.3"
+    cipher: str
+    sni: str | None  # the server name the client asked for
+
+
+@dataclass(frozen=True, slots=True)
 class ClientConnected:
     """A client is here; ``client`` is who it really is (from a PROXY header or its socket)."""
 
     client: Address
     server: Address | None = None  # the address it connected to
     session: str = ""  # the shell's id for the session, as its log lines carry it
+    tls: TlsInfo | None = None  # implicit TLS: the handshake is done already
+
+
+@dataclass(frozen=True, slots=True)
+class TlsEstablished:
+    """The handshake a ``StartTls`` asked for succeeded."""
+
+    info: TlsInfo
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFailed:
+    """The handshake a ``StartTls`` asked for failed: the connection is unusable."""
+
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +110,8 @@ Event = (
     | UpstreamData
     | UpstreamClosed
     | UpstreamFailed
+    | TlsEstablished
+    | TlsFailed
     | Tick
     | Drain
     | ShutDown

@@ -57,7 +57,7 @@ TRANSACTION = _event(
     "transaction",
     "info",
     "helo sender recipients recipients_accepted recipients_rejected size message_id queue_id reply_code reply "
-    "outcome upstream_wait groups",
+    "outcome upstream_wait tls groups",
     "one mail transaction, MAIL to its final reply: the canonical line per message; recipients lists "
     "each one's address, code and (when refused) the reply text; queue_id is the MTA's, from its final reply",
 )
@@ -92,6 +92,14 @@ XFORWARD_REFUSED = _event(
 )
 EARLY_TALKER = _event(
     "client talked before the greeting", "info", "action", "allow: logged only; reject: 554 and closed"
+)
+TLS_ESTABLISHED = _event("tls established", "info", "version cipher sni", "the client's TLS session is up")
+TLS_FAILED = _event("tls handshake failed", "warning", "reason", "the client's TLS handshake failed; closed")
+PLAINTEXT_AFTER_STARTTLS = _event(
+    "plaintext after STARTTLS discarded",
+    "warning",
+    "octets",
+    "bytes the client sent after STARTTLS, before TLS: never answered inside TLS (CVE-2011-0411)",
 )
 INTERNAL_ERROR = _event(
     "internal error", "error", "exception", "a bug in pipeproxy: the client got 421 and the session ended"

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import logschema as L
-from .actions import Action, Close, ConnectUpstream, DropUpstream, Log, ToClient, ToUpstream
+from .actions import Action, Close, ConnectUpstream, DropUpstream, Log, StartTls, ToClient, ToUpstream
 from .config import Address, BareLineEndings, Config
 from .ehlo import ehlo_from_helo, offered, rewrite_ehlo
 from .events import (
@@ -48,6 +48,9 @@ from .events import (
     Event,
     ShutDown,
     Tick,
+    TlsEstablished,
+    TlsFailed,
+    TlsInfo,
     UpstreamClosed,
     UpstreamConnected,
     UpstreamData,
@@ -152,7 +155,8 @@ TRANSITIONS: dict[Exchange, tuple[tuple[str, Relay, str | None], ...]] = {
     HELO: (("2xx", _, "greeted"), ("*", _, None)),
     HELO_FALLBACK: (("2xx", Relay.HELO_AS_EHLO, "greeted"), ("*", _, None)),
     HELO_PROBE: (("2xx+XCLIENT", Relay.NOT_RELAYED, "xclient"), ("*", Relay.NOT_RELAYED, "helo_after_probe")),
-    XCLIENT: (("220", Relay.NOT_RELAYED, "xclient_accepted"), ("*", Relay.NOT_RELAYED, "xclient_refused")),
+    # Postfix answers a good XCLIENT with a new 220; older ones, and smtp-sink, with 250.
+    XCLIENT: (("2xx", Relay.NOT_RELAYED, "xclient_accepted"), ("*", Relay.NOT_RELAYED, "xclient_refused")),
     XFORWARD: (("2xx", Relay.NOT_RELAYED, "mail_after_xforward"), ("*", Relay.NOT_RELAYED, "xforward_refused")),
     AUTH: (("334", _, "sasl"), ("2xx", _, "authenticated"), ("*", _, "auth_over")),
     SASL: (("334", _, "sasl"), ("2xx", _, "authenticated"), ("*", _, "auth_over")),
@@ -173,7 +177,7 @@ TRANSITIONS: dict[Exchange, tuple[tuple[str, Relay, str | None], ...]] = {
         ("*", Relay.NOT_RELAYED, "replay_failed"),
     ),
     REPLAY_HELO: (("2xx", Relay.NOT_RELAYED, "replayed"), ("*", Relay.NOT_RELAYED, "replay_failed")),
-    REPLAY_XCLIENT: (("220", Relay.NOT_RELAYED, "replay_hello"), ("*", Relay.NOT_RELAYED, "xclient_refused")),
+    REPLAY_XCLIENT: (("2xx", Relay.NOT_RELAYED, "replay_hello"), ("*", Relay.NOT_RELAYED, "xclient_refused")),
 }
 del _
 
@@ -217,6 +221,11 @@ DISABLED_WITH_KEYWORD = {
 # only these may pass (RFC 5321 §4.1.4 lets a server insist on EHLO/HELO first).
 BEFORE_HELLO = frozenset({"EHLO", "HELO", "NOOP", "RSET", "QUIT", "HELP"})
 SEND_HELLO_FIRST = reply(503, "5.5.1 Error: send HELO/EHLO first")
+READY_FOR_TLS = reply(220, "2.0.0 Ready to start TLS")
+TLS_ACTIVE = reply(554, "5.5.1 Error: TLS already active")
+TRANSACTION_IN_PROGRESS = reply(503, "5.5.1 Error: MAIL transaction in progress")
+MUST_STARTTLS = reply(530, "5.7.0 Must issue a STARTTLS command first")
+ENCRYPTION_REQUIRED = reply(538, "5.7.11 Encryption required for requested authentication mechanism")
 EARLY_TALKER = reply(554, "5.5.1 Error: talking before the greeting, closing connection")
 UNAVAILABLE = reply(421, "4.4.2 Upstream server unavailable, closing connection")
 SHUTTING_DOWN = reply(421, "4.3.2 Service shutting down, closing connection")
@@ -237,6 +246,7 @@ class Mode(enum.Enum):
     COMMAND = "command"  # the next client line is an SMTP command
     SASL = "sasl"  # the next client line answers an AUTH 334 challenge
     CONTENT = "content"  # client input is message content
+    TLS_HANDSHAKE = "TLS handshake"  # after STARTTLS: nothing is read until TLS is up
     CLOSED = "closed"
 
 
@@ -320,6 +330,8 @@ class Session:
         self._xforward_attributes: frozenset[str] | None = None  # None: not offered
         self._mail_waiting: tuple[Exchange, bytes, bytes, str] | None = None  # for XFORWARD
         self._early_talker_seen = False
+        self._tls: TlsInfo | None = None
+        self._hello_needed = False  # after STARTTLS the client must greet again (RFC 3207 §4.2)
         self._client_wait_since: float | None = None
         self._started = clock()
         self._outstanding: _Outstanding | None = None
@@ -341,6 +353,8 @@ class Session:
         if self._mode is Mode.CLOSED:
             return
         match event:
+            case ClientData() if self._mode is Mode.TLS_HANDSHAKE:
+                pass  # the shell reads nothing now; cleartext here would be an injection
             case ClientData(data):
                 greeted = self._outstanding is None or self._outstanding.exchange is not GREETING
                 if not greeted and self._early_talker():
@@ -359,9 +373,11 @@ class Session:
             case ClientClosed():
                 self._client_eof = True
                 self._advance()
-            case ClientConnected(client, server, session):
+            case ClientConnected(client, server, session, tls):
                 self._client, self._server, self._session_id = client, server, session
                 self._log(L.SESSION_OPEN, server=str(server) if server else None)
+                if tls is not None:
+                    self._tls_up(tls)
                 self._connect_upstream(GREETING)
             case UpstreamClosed():
                 self._abandon_message("upstream closed the connection")
@@ -377,6 +393,15 @@ class Session:
                 self._abandon_message(reason)
                 self._end_transaction(None, reason)
                 self._close(reason)
+            case TlsEstablished(info):
+                self._tls_up(info)
+                self._mode = Mode.COMMAND
+                self._advance()
+            case TlsFailed(reason):
+                self._log(L.TLS_FAILED, reason=reason)
+                self._client_lost = True  # nothing can be said to it any more, in clear or not
+                self._end_transaction(None, f"TLS handshake failed: {reason}")
+                self._close(f"TLS handshake failed: {reason}")
             case Tick():
                 self._tick()
             case Drain():
@@ -469,6 +494,8 @@ class Session:
                 if self._mode is Mode.CONTENT:
                     return
                 continue
+            if self._mode is Mode.TLS_HANDSHAKE:
+                return
             if self._draining and self._transaction is None and self._mode is Mode.COMMAND:
                 self._fail(SHUTTING_DOWN, "pipeproxy draining", in_flight=False, clean=True, owed=SHUTTING_DOWN)
                 return
@@ -504,13 +531,19 @@ class Session:
         verb = verb_octets.decode("ascii", "replace").upper()
         if self.config.transcript:
             self._transcript("client", line=self._redacted(verb, argument))
+        if verb == "STARTTLS" and self.config.tls:
+            self._starttls()
+            return
         if verb in REFUSED:
             self._refuse(verb, REFUSED[verb], "not relayable")
+            return
+        if self._tls is None and self.config.tls and (refusal := _needs_tls(verb, self.config)):
+            self._refuse(verb, refusal, "needs TLS")
             return
         if verb in DISABLED_WITH_KEYWORD and verb in self.config.discard_ehlo_keywords:
             self._refuse(verb, DISABLED_WITH_KEYWORD[verb], "extension discarded")
             return
-        if self._xclient == "unknown" and verb not in BEFORE_HELLO:
+        if (self._xclient == "unknown" or self._hello_needed) and verb not in BEFORE_HELLO:
             # Forwarded now, it would reach the upstream as from pipeproxy's address.
             self._refuse(verb, SEND_HELLO_FIRST, "no EHLO or HELO yet")
             return
@@ -543,6 +576,37 @@ class Session:
             self._send(XFORWARD, b"", command_line(b"XFORWARD", self._identity(), self._xforward_attributes))
             return
         self._send(exchange, argument, line, verb)
+
+    def _starttls(self) -> None:
+        """RFC 3207, terminated here: the 220 in clear, then nothing more in clear."""
+        if self._tls is not None:
+            self._refuse("STARTTLS", TLS_ACTIVE, "TLS already active")
+            return
+        if self._transaction is not None:
+            self._refuse("STARTTLS", TRANSACTION_IN_PROGRESS, "STARTTLS inside a mail transaction")
+            return
+        self._flush()
+        # STARTTLS ends its group (RFC 2920 §3.1, RFC 3207 §4.2): what came after it in
+        # clear is never read as commands inside TLS (CVE-2011-0411).
+        if octets := self._input.discard():
+            self._log(L.PLAINTEXT_AFTER_STARTTLS, octets=octets)
+        self._mode = Mode.TLS_HANDSHAKE
+        self._hello, self._hello_needed = None, True
+        self._groups += 1
+        self._emit(StartTls(READY_FOR_TLS))
+
+    def _tls_up(self, info: TlsInfo) -> None:
+        self._tls = info
+        self._log(L.TLS_ESTABLISHED, version=info.version, cipher=info.cipher, sni=info.sni)
+
+    def _ehlo_policy(self) -> tuple[frozenset[str], tuple[str, ...]]:
+        """(keywords to remove, keywords pipeproxy adds) for the client's EHLO reply."""
+        discard = self.config.discard_ehlo_keywords
+        if not self.config.tls or self._tls is not None:
+            return discard, ()
+        if not self.config.auth_without_tls or self.config.require_tls:
+            discard |= {"AUTH"}  # offered once the session is encrypted
+        return discard, ("STARTTLS",)
 
     def _identity(self) -> ClientIdentity:
         hello, argument = self._hello_request or (HELO, b"")
@@ -615,12 +679,11 @@ class Session:
         xclient_due = exchange in (EHLO, HELO_PROBE, REPLAY_EHLO) and self._learn_extensions(upstream_reply)
         relay, then = transition(exchange, upstream_reply.code, xclient_due)
         if relay is Relay.EHLO_REWRITTEN:
-            upstream_reply, removed = rewrite_ehlo(
-                upstream_reply, self.config.discard_ehlo_keywords, self.config.max_message_size
-            )
+            discard, added = self._ehlo_policy()
+            upstream_reply, removed = rewrite_ehlo(upstream_reply, discard, self.config.max_message_size, added)
             self._log(L.EHLO_REWRITTEN, removed=list(removed))
         elif relay is Relay.HELO_AS_EHLO:
-            upstream_reply = ehlo_from_helo(upstream_reply, self.config.max_message_size)
+            upstream_reply = ehlo_from_helo(upstream_reply, self.config.max_message_size, self._ehlo_policy()[1])
         if relay is not Relay.NOT_RELAYED:
             # A 421 is held: the 421s for what is still waiting join it in one write.
             self._answer(upstream_reply, groupable=exchange.groupable or then == "upstream_closing")
@@ -634,6 +697,7 @@ class Session:
         self._log(L.UPSTREAM_GREETING, code=upstream_reply.code)
 
     def _then_greeted(self, pending: _Outstanding, upstream_reply: Reply) -> None:
+        self._hello_needed = False
         hello = EHLO if pending.exchange in (EHLO, HELO_FALLBACK) else HELO
         self._hello = (hello, pending.argument)
 
@@ -947,6 +1011,7 @@ class Session:
             reply=final.text if final else None,
             outcome=outcome,
             upstream_wait=round(transaction.upstream_wait, 6),
+            tls={"version": self._tls.version, "cipher": self._tls.cipher} if self._tls else None,
             # replies per client write; a write still being gathered counts as it stands
             groups=transaction.groups + ([len(self._held)] if self._held else []),
         )
@@ -956,6 +1021,16 @@ class Session:
 
     def _emit(self, action: Action) -> None:
         self._actions.append(action)
+
+
+def _needs_tls(verb: str, config: Config) -> Reply | None:
+    """The refusal of ``verb`` in a session not yet encrypted, if it has one (RFC 3207 §4,
+    RFC 4954 §6's 538, Postfix's smtpd_tls_auth_only and smtpd_tls_security_level=encrypt)."""
+    if config.require_tls and verb in ("MAIL", "AUTH"):
+        return MUST_STARTTLS
+    if verb == "AUTH" and not config.auth_without_tls:
+        return ENCRYPTION_REQUIRED
+    return None
 
 
 def _over(digits: str, limit: int) -> bool:

@@ -127,6 +127,13 @@ class ClientInput:
     def __len__(self) -> int:
         return len(self._buffer)
 
+    def discard(self) -> int:
+        """Forget everything buffered (plaintext after STARTTLS); how many octets."""
+        octets = len(self._buffer)
+        self._buffer.clear()
+        self._discarding = False
+        return octets
+
     def count_lines(self) -> int:
         """How many complete lines are buffered: the commands still owed a reply."""
         return self._buffer.count(b"\n")

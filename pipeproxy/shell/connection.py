@@ -18,11 +18,13 @@ given to the Session, which has moved on.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 
 import structlog
 import trio
 
+from ..core import logschema as L
 from ..core import proxy_protocol
 from ..core.actions import (
     Action,
@@ -30,6 +32,7 @@ from ..core.actions import (
     ConnectUpstream,
     DropUpstream,
     Log,
+    StartTls,
     ToClient,
     ToUpstream,
 )
@@ -43,13 +46,19 @@ from ..core.events import (
     Event,
     ShutDown,
     Tick,
+    TlsEstablished,
+    TlsFailed,
+    TlsInfo,
     UpstreamClosed,
     UpstreamConnected,
     UpstreamData,
     UpstreamFailed,
 )
+from ..core.logschema import write
 from ..core.session import Session
+from ..core.wire import Reply
 from . import streams
+from .tls import ServerTls
 
 CHUNK = 64 * 1024
 # After the last reply, how long to wait for the client to close before we do, so a
@@ -62,9 +71,16 @@ class Connection:
     """One client connection and its upstream connections, for their whole life."""
 
     def __init__(
-        self, client: trio.abc.Stream, config: Config, real_client: Address | None = None, early: bytes = b""
+        self,
+        client: trio.abc.Stream,
+        config: Config,
+        real_client: Address | None = None,
+        early: bytes = b"",
+        tls: ServerTls | None = None,
+        implicit_tls: bool = False,
     ) -> None:
-        """``real_client``: the address a PROXY header gave; ``early``: bytes read after it."""
+        """``real_client``: the address a PROXY header gave; ``early``: bytes read after it;
+        ``tls``: for STARTTLS, or, with ``implicit_tls``, from the first byte."""
         self.client = client
         self.config = config
         self.client_address = real_client or streams.peer_address(client)
@@ -79,6 +95,13 @@ class Connection:
         # Bumped the moment the Session drops an upstream connection: a reader of an
         # older one reports nothing more.
         self._upstream_epoch = 0
+        # The same for the client's stream, which STARTTLS replaces: cleartext read before
+        # the switch must never reach the Session after it.
+        self._client_epoch = 0
+        self._reading: trio.CancelScope | None = None  # while the client reader waits in a read
+        self._reader_done = trio.Event()
+        self._tls = tls
+        self._implicit_tls = implicit_tls
         self._lock = trio.StrictFIFOLock()
         self._room = trio.lowlevel.ParkingLot()
         self._closed = trio.Event()
@@ -92,10 +115,20 @@ class Connection:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._watch_deadline)
-                await self._event(ClientConnected(self.client_address, self.server_address, self.id))
+                info = None
+                if self._implicit_tls:
+                    outcome = await self._handshake()
+                    if isinstance(outcome, str):
+                        # Nothing was said and no upstream session opened: log it, close.
+                        write(self.log, L.TLS_FAILED, reason=outcome)
+                        self._client_lost = True
+                        nursery.cancel_scope.cancel()
+                        return
+                    info = outcome
+                await self._event(ClientConnected(self.client_address, self.server_address, self.id, info))
                 if self._early:
                     await self._event(ClientData(self._early))
-                nursery.start_soon(self._read_client)
+                self._start_reading()
                 await self._closed.wait()
                 nursery.cancel_scope.cancel()
             if not self._client_lost:
@@ -104,7 +137,8 @@ class Connection:
             with trio.CancelScope(shield=True):
                 if self.upstream is not None:
                     await self.upstream.aclose()
-                await self.client.aclose()
+                with trio.move_on_after(LINGER), contextlib.suppress(*_GONE):
+                    await self.client.aclose()  # TLS says close_notify, if the peer listens
 
     async def drain(self) -> None:
         """pipeproxy is stopping: finish what is in progress, then say 421 and close."""
@@ -114,12 +148,14 @@ class Connection:
         """The grace period is over: 421 and close now."""
         await self._event(ShutDown())
 
-    async def _event(self, event: Event, epoch: int | None = None) -> None:
+    async def _event(self, event: Event, epoch: int | None = None, client_epoch: int | None = None) -> None:
         """Hand ``event`` to the Session and carry out what it says, after every earlier
-        event's actions and before any later; ``epoch``: the upstream connection it came
-        from, dropped if the Session has dropped that connection meanwhile."""
+        event's actions and before any later; ``epoch``/``client_epoch``: the upstream
+        connection or client stream it came from, dropped if that has been replaced."""
         async with self._lock:
-            if epoch is None or epoch == self._upstream_epoch:
+            if (epoch is None or epoch == self._upstream_epoch) and (
+                client_epoch is None or client_epoch == self._client_epoch
+            ):
                 await self._perform(self._handle(event))
         # Only a deadline that comes earlier needs the watchdog woken; one that moves
         # later (every command sent does) is found when the watchdog wakes and looks.
@@ -134,18 +170,33 @@ class Connection:
             self._upstream_epoch += 1
         return actions
 
-    async def _read_client(self) -> None:
+    def _start_reading(self) -> None:
+        assert self._nursery is not None
+        self._reader_done = trio.Event()
+        self._nursery.start_soon(self._read_client, self.client, self._client_epoch, self._reader_done)
+
+    async def _read_client(self, stream: trio.abc.Stream, epoch: int, done: trio.Event) -> None:
         session = self.session
-        while True:
-            while (size := min(CHUNK, session.client_room())) == 0:
-                await self._room.park()
-            try:
-                data = await self.client.receive_some(size)
-            except _GONE:
-                data = b""  # a reset client is as gone as a closed one: what it sent counts
-            await self._event(ClientData(data) if data else ClientClosed())
-            if not data:
-                return
+        try:
+            while epoch == self._client_epoch:
+                while (size := min(CHUNK, session.client_room())) == 0:
+                    await self._room.park()
+                if epoch != self._client_epoch:
+                    return
+                with trio.CancelScope() as self._reading:
+                    try:
+                        data = await stream.receive_some(size)
+                    except _GONE:
+                        data = b""  # a reset client is as gone as a closed one: what it sent counts
+                    finally:
+                        self._reading = None
+                if epoch != self._client_epoch:
+                    return  # STARTTLS came meanwhile: the stream is TLS's now
+                await self._event(ClientData(data) if data else ClientClosed(), client_epoch=epoch)
+                if not data:
+                    return
+        finally:
+            done.set()
 
     async def _read_upstream(self, stream: trio.abc.Stream, epoch: int) -> None:
         while True:
@@ -189,12 +240,45 @@ class Connection:
                     outcomes.append(await self._connect())
             elif isinstance(action, DropUpstream):
                 await self._drop_upstream()
+            elif isinstance(action, StartTls):
+                outcomes.append(await self._start_tls(action.ready))
             elif isinstance(action, Close):
                 # Only now: the Session may be closed while another reader still waits to
                 # carry out the replies that came before its Close.
                 self._closed.set()
         for outcome in outcomes:  # no-ops once the Session has closed
             await self._perform(self._handle(outcome))
+
+    async def _start_tls(self, ready: Reply) -> Event:
+        """STARTTLS: stop reading in clear, say ``ready`` in clear, then the handshake."""
+        self._client_epoch += 1  # whatever the old reader still holds is dropped
+        if self._reading is not None:  # the old reader waits in a read: it stops there
+            self._reading.cancel()
+            await self._reader_done.wait()
+        if failure := await self._send_client(ready.serialise()):
+            self._client_lost = True
+            return ClientWriteFailed(failure)
+        outcome = await self._handshake()
+        if isinstance(outcome, str):
+            self._client_lost = True
+            return TlsFailed(outcome)
+        self._start_reading()
+        return TlsEstablished(outcome)
+
+    async def _handshake(self) -> TlsInfo | str:
+        """TLS as the server on the client's stream, bounded in time: what it is, or why not."""
+        assert self._tls is not None
+        stream = trio.SSLStream(self.client, self._tls.context, server_side=True)
+        with trio.move_on_after(self.config.timeouts.tls_handshake):
+            try:
+                await stream.do_handshake()
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
+                cause = error.__cause__
+                return str(cause) if cause else "the client closed the connection"
+            self.client = stream
+            cipher = stream.cipher()
+            return TlsInfo(str(stream.version()), cipher[0] if cipher else "", getattr(stream, "sni", None))
+        return "the client did not finish the handshake in time"
 
     async def _connect(self) -> Event:
         host, port = self.config.upstream

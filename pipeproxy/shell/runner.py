@@ -24,17 +24,23 @@ from ..core.logschema import write
 from . import logging_setup as logs
 from .health import serve_health
 from .server import Server, listen
+from .tls import ServerTls
 
 
 def main(config: Config) -> int:
     """Serve as ``config`` says until stopped; the exit status (2: the address cannot be had)."""
     logs.configure(config.log_format, config.log_level)
     try:
+        if config.tls:
+            ServerTls(config)  # a certificate that cannot be loaded: one line and status 2, before any worker
         if config.workers > 1:
             return run_workers(config)
         trio.run(run, config)
     except OSError as error:
         print(f"pipeproxy: error: cannot listen on {config.listen}: {error.strerror or error}", file=sys.stderr)
+        return 2
+    except ValueError as error:  # a TLS certificate or key that cannot be loaded
+        print(f"pipeproxy: error: {error}", file=sys.stderr)
         return 2
     return 0
 
@@ -42,9 +48,10 @@ def main(config: Config) -> int:
 async def run(config: Config, shared: bool = False) -> None:
     """Serve until SIGTERM or SIGINT, then drain; OSError if the address cannot be had."""
     log = structlog.get_logger("pipeproxy")
+    server = Server(config)  # first: a TLS certificate that cannot be loaded stops us here
     listeners = await listen(config.listen, shared)
+    tls_listeners = [each for address in config.tls_listen for each in await listen(address, shared)]
     health = await listen(config.health_listen, shared) if config.health_listen else []
-    server = Server(config)
     async with trio.open_nursery() as nursery:
         if health:
             await nursery.start(serve_health, health, server.health)
@@ -54,7 +61,7 @@ async def run(config: Config, shared: bool = False) -> None:
             nursery.cancel_scope.cancel()
 
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            await nursery.start(server.serve, listeners)
+            await nursery.start(server.serve, listeners, tls_listeners)
             stopping = False
             async for signum in signals:
                 if stopping:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import socket
 from collections.abc import Awaitable, Callable
 
@@ -33,6 +34,7 @@ from ..core.logschema import write
 from ..core.wire import Reply, reply
 from . import streams
 from .connection import Connection
+from .tls import ServerTls
 
 # Connections can arrive in bursts. With a backlog as small as socat's default of 5, a
 # burst of 20 clients had SYNs dropped, each retried only after the 1 s initial
@@ -76,24 +78,41 @@ class Server:
         self._hurry = trio.CancelScope()
         self._changed = trio.lowlevel.ParkingLot()
         self._sessions: trio.Nursery | None = None
+        # TLS toward clients (STARTTLS, and the implicit TLS listeners); ValueError if the
+        # certificate or key cannot be loaded.
+        self.tls = ServerTls(config) if config.tls else None
 
     async def serve(
         self,
         listeners: list[trio.SocketListener] | None = None,
+        tls_listeners: list[trio.SocketListener] | None = None,
         *,
         task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Accept until ``shutdown``; return once every session has ended."""
+        """Accept until ``shutdown``; return once every session has ended. ``tls_listeners``
+        take implicit TLS (default: those of ``config.tls_listen``); ``task_status`` gets
+        the plain listeners, then the TLS ones."""
         listeners = listeners or await listen(self.config.listen)
-        addresses = [str(streams.local_address(listener)) for listener in listeners]
+        if tls_listeners is None:
+            tls_listeners = [each for address in self.config.tls_listen for each in await listen(address)]
+        addresses = [str(streams.local_address(listener)) for listener in listeners + tls_listeners]
         write(self._log, L.LISTENING, addresses=addresses, upstream=str(self.config.upstream))
         async with trio.open_nursery() as sessions:
             self._sessions = sessions
             with self._accepting:
-                task_status.started(listeners)
+                task_status.started(listeners + tls_listeners)
                 # Sessions live in our nursery, so ending the accept loops (which closes
                 # the listeners) leaves them running.
-                await trio.serve_listeners(self._handle, listeners, handler_nursery=sessions)
+                async with trio.open_nursery() as accepting:
+                    accepting.start_soon(
+                        functools.partial(trio.serve_listeners, handler_nursery=sessions), self._handle, listeners
+                    )
+                    if tls_listeners:
+                        accepting.start_soon(
+                            functools.partial(trio.serve_listeners, handler_nursery=sessions),
+                            functools.partial(self._handle, implicit_tls=True),
+                            tls_listeners,
+                        )
 
     async def shutdown(self, grace: float, asked_at: float | None = None) -> None:
         """Stop accepting; let sessions finish until ``grace`` seconds after ``asked_at``
@@ -141,7 +160,7 @@ class Server:
         while self.connections:
             await self._changed.park()
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    async def _handle(self, stream: trio.SocketStream, implicit_tls: bool = False) -> None:
         if len(self.connections) >= self.config.max_sessions:
             write(self._log, L.TOO_MANY_SESSIONS, max_sessions=self.config.max_sessions)
             await _refuse(stream, TOO_MANY_SESSIONS)
@@ -165,7 +184,7 @@ class Server:
             await _refuse(stream, TOO_MANY_FROM_CLIENT)
             return
         self._per_client[key] += 1
-        connection = Connection(stream, self.config, client, early)
+        connection = Connection(stream, self.config, client, early, self.tls, implicit_tls)
         self.connections.add(connection)
         try:
             if self._accepting.cancel_called:  # accepted just before shutdown began
