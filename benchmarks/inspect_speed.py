@@ -135,7 +135,8 @@ def main() -> None:
         for name, args in MODES:
             elapsed, peak, status = measure(args, path)
             assert status == 0, f"{name}: exit status {status}"
-            print(f"| {kind} | {name} | {elapsed:.1f} | {options.lines / elapsed:,.0f} | {peak / 1024:.0f} MB |",
+            shown = name.replace("|", "\\|")  # a | inside a Markdown cell
+            print(f"| {kind} | {shown} | {elapsed:.1f} | {options.lines / elapsed:,.0f} | {peak / 1024:.0f} MB |",
                   flush=True)
     if not options.keep:
         for path in (log, log + ".gz"):
