@@ -65,7 +65,7 @@ def test_help_shows_every_setting_with_its_variable_and_the_configs_own_default(
 def test_help_lists_the_subcommands_and_version_comes_from_the_package():
     result = run_cli("--help")
     assert result.returncode == 0
-    for command in ("serve", "demo", "health"):
+    for command in ("serve", "demo", "health", "inspect"):
         assert f"\n    {command} " in result.stdout
     version = run_cli("--version")
     assert (version.returncode, version.stdout) == (0, f"pipeproxy {importlib.metadata.version('pipeproxy')}\n")

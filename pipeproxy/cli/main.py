@@ -1,9 +1,11 @@
-"""The ``pipeproxy`` command: one parser, three subcommands, each given a Config.
+"""The ``pipeproxy`` command: one parser, four subcommands.
 
 ``pipeproxy [serve] [OPTIONS]`` runs the proxy (serve is the default, so ``pipeproxy
 --upstream X`` works); ``pipeproxy demo`` shows it working with no MTA; ``pipeproxy
-health`` asks a running proxy's health endpoint. Options come from Config's settings
-(options.py). This module only parses and dispatches; the work is in shell/ and demo/.
+health`` asks a running proxy's health endpoint. Their options come from Config's
+settings (options.py), and each is given a Config. ``pipeproxy inspect`` reads logs and
+has options of its own (inspect/command.py). This module only parses and dispatches;
+the work is in shell/, demo/ and inspect/.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import NamedTuple, NoReturn
 
 from ..core.config import Config, settings
 from ..demo import run as demo
+from ..inspect import command as inspect
 from ..shell import health, runner
 from . import options
 
@@ -69,7 +72,8 @@ def build_parser() -> _Parser:
     parser = _Parser(
         prog="pipeproxy",
         usage="%(prog)s [serve] [OPTIONS]\n       %(prog)s demo [OPTIONS]\n"
-        "       %(prog)s health [--address HOST:PORT]",
+        "       %(prog)s health [--address HOST:PORT]\n"
+        "       %(prog)s inspect [-f EXPR] [--json | --session ID | --summary] [--follow] [FILE ...]",
         description="SMTP proxy that gives a legacy MTA PIPELINING: clients pipeline, the upstream sees one "
         "command at a time. Without a command it serves, with the options below.",
         epilog=ENVIRONMENT,
@@ -90,13 +94,21 @@ def build_parser() -> _Parser:
                              help=f"the endpoint to ask (default: ${options.variable(endpoint)})")
         else:
             options.add_flags(sub, command.settings, in_subcommand=True)
+    inspecting = commands.add_parser(
+        "inspect", prog="pipeproxy inspect", help="show what happened, from pipeproxy's JSON logs",
+        description=inspect.DESCRIPTION,
+    )
+    inspect.add_arguments(inspecting)
     return parser
 
 
 def parse(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[str, Config]:
     """The command to run and its Config; exits with status 2 and one line if anything is bad."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    return _config(parser, parser.parse_args(argv), environ)
+
+
+def _config(parser: _Parser, args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[str, Config]:
     name = args.command or "serve"
     config = options.to_config(parser, args, environ, COMMANDS[name].settings)
     if name == "health" and config.health_listen is None:
@@ -105,5 +117,11 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[str, Config]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    name, config = parse(sys.argv[1:] if argv is None else argv, os.environ)
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command == "inspect":
+        # Its own options, no Config: it reads logs and serves nothing.
+        inspect.check(parser, args)
+        return inspect.run(args)
+    name, config = _config(parser, args, os.environ)
     return COMMANDS[name].run(config)
