@@ -49,7 +49,7 @@ from ..core.events import (
     UpstreamFailed,
 )
 from ..core.session import Session
-from . import streams
+from . import metrics, streams
 
 CHUNK = 64 * 1024
 # After the last reply, how long to wait for the client to close before we do, so a
@@ -184,6 +184,7 @@ class Connection:
                     outcomes.append(UpstreamFailed(failure))
             elif isinstance(action, Log):
                 getattr(self.log, action.level)(action.event, **action.fields)
+                metrics.observe(action)
             elif isinstance(action, ConnectUpstream):
                 if not self._client_lost:  # the Session will close on the failed write
                     outcomes.append(await self._connect())
