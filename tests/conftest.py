@@ -48,8 +48,8 @@ async def pipeproxy_process() -> AsyncIterator[StartProxyProcess]:
     """
     started: list[ProxyProcess] = []
 
-    async def start(upstream: Address, **variables: str) -> ProxyProcess:
-        started.append(await ProxyProcess.start(upstream, **variables))
+    async def start(upstream: Address, new_session: bool = False, **variables: str) -> ProxyProcess:
+        started.append(await ProxyProcess.start(upstream, new_session, **variables))
         return started[-1]
 
     yield start

@@ -189,9 +189,11 @@ class ProxyProcess:
         self.terminated = False
 
     @classmethod
-    async def start(cls, upstream: Address, **variables: str) -> ProxyProcess:
+    async def start(cls, upstream: Address, new_session: bool = False, **variables: str) -> ProxyProcess:
+        """``new_session``: in a process group of its own, for signals sent to the whole group."""
         environ = clean_environ(PIPEPROXY_LISTEN=f"{LOCALHOST}:0", PIPEPROXY_UPSTREAM=str(upstream), **variables)
-        process = await trio.lowlevel.open_process(PIPEPROXY, stdout=subprocess.PIPE, env=environ)
+        process = await trio.lowlevel.open_process(PIPEPROXY, stdout=subprocess.PIPE, env=environ,
+                                                   start_new_session=new_session)
         log = JsonLog(process.stdout)
         try:
             listening = await log.until("listening")

@@ -257,3 +257,16 @@ def test_readme_options_table_matches_the_settings():
         assert env.startswith(f"`{options.variable(setting)}`")
         text = options.default_text(setting, default)
         assert shown == text if setting.required else shown == ", ".join(f"`{part}`" for part in text.split(", "))
+
+
+def test_every_subcommand_has_plain_help_and_a_usage_line():
+    """Each command in COMMANDS (a new one included) is in the top-level usage and the
+    command list, and answers --help with plain text: no colour codes, exit 0."""
+    from pipeproxy.cli.main import COMMANDS
+
+    top = run_cli("--help").stdout
+    for name in COMMANDS:
+        assert f"pipeproxy {'[serve]' if name == 'serve' else name} " in top and f"\n    {name} " in top
+        result = run_cli(name, "--help")
+        assert result.returncode == 0 and result.stderr == ""
+        assert result.stdout.startswith(f"usage: pipeproxy {name} ") and "\x1b" not in result.stdout

@@ -37,6 +37,7 @@ class Command(NamedTuple):
     description: str
     settings: tuple[str, ...]  # names of the Config fields it takes
     run: Callable[[Config], int]
+    usage: str = "[OPTIONS]"  # after "pipeproxy NAME", in the top-level usage
 
 
 def _health(config: Config) -> int:
@@ -64,16 +65,20 @@ COMMANDS = {
         "Ask a running pipeproxy's health endpoint (--health-listen); exit 0 if it is healthy, 1 if not.",
         ("health_listen",),
         _health,
+        "[--address HOST:PORT]",
     ),
 }
 
 
 def build_parser() -> _Parser:
+    # One usage line per command, so a new command shows up here by being in COMMANDS.
+    usage = "\n       ".join(
+        [f"%(prog)s {'[serve]' if name == 'serve' else name} {command.usage}" for name, command in COMMANDS.items()]
+        + [f"%(prog)s inspect {inspect.USAGE}"]
+    )
     parser = _Parser(
         prog="pipeproxy",
-        usage="%(prog)s [serve] [OPTIONS]\n       %(prog)s demo [OPTIONS]\n"
-        "       %(prog)s health [--address HOST:PORT]\n"
-        "       %(prog)s inspect [-f EXPR] [--json | --session ID | --summary] [--follow] [FILE ...]",
+        usage=usage,
         description="SMTP proxy that gives a legacy MTA PIPELINING: clients pipeline, the upstream sees one "
         "command at a time. Without a command it serves, with the options below.",
         epilog=ENVIRONMENT,

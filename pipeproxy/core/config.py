@@ -94,6 +94,7 @@ class Setting:
     # the parsed values into the field's value.
     gather: Callable[[list[Any]], Any] | None = None
     required: bool = False  # pipeproxy cannot serve without it, whatever the default
+    secret: bool = False  # a password or key: the startup log line shows it as "<redacted>"
 
 
 def setting(flag: str, variable: str, parse: Callable[[str], Any], help: str, **more: Any) -> dict[str, Setting]:

@@ -128,6 +128,21 @@ WORKERS_STARTED = _event("workers started", "info", "workers port", "worker proc
 WORKER_ENDED = _event(
     "worker ended, stopping the others", "error", "worker exitcode", "a worker died; the others were stopped"
 )
+STARTING = _event(
+    "starting", "info", "version pid settings", "pipeproxy starts: its version and every setting in effect, secrets "
+    "redacted"
+)
+RELOAD = _event(
+    "reload", "info", "signal reloaded", "SIGHUP: what could be reloaded was (reloaded names it; empty: nothing)"
+)
+RELOAD_FAILED = _event("reload failed", "error", "", "a reload hook failed; what it guards is unchanged")
+WORKER_STARTED = _event("worker started", "info", "worker pid", "a worker process was started (or restarted)")
+WORKER_RESTARTING = _event(
+    "worker died, restarting",
+    "error",
+    "worker pid exitcode delay",
+    "a worker ended without being asked to; another takes its place after delay seconds",
+)
 
 def write(logger: Any, event: LogEvent, **fields: Any) -> None:
     """Write ``event`` at its level to a structlog-style ``logger`` (the shell's lines)."""

@@ -46,6 +46,9 @@ def _filter(text: str) -> filters.Node:
         raise argparse.ArgumentTypeError(f"bad filter {text!r} at {error}") from None
 
 
+USAGE = "[-f EXPR] [--json | --session ID | --summary] [--follow] [FILE ...]"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = FILTER_HELP

@@ -57,7 +57,7 @@ from ..core.events import (
 from ..core.logschema import write
 from ..core.session import Session
 from ..core.wire import Reply
-from . import streams
+from . import metrics, streams
 from .tls import ServerTls
 
 CHUNK = 64 * 1024
@@ -235,6 +235,7 @@ class Connection:
                     outcomes.append(UpstreamFailed(failure))
             elif isinstance(action, Log):
                 getattr(self.log, action.level)(action.event, **action.fields)
+                metrics.observe(action)
             elif isinstance(action, ConnectUpstream):
                 if not self._client_lost:  # the Session will close on the failed write
                     outcomes.append(await self._connect())

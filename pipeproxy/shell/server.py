@@ -12,17 +12,25 @@ naming the real client, which the logs then show; a connection without a valid o
 is closed and logged. The real client is then judged at the door: the allow and deny
 lists (554) and the sessions it already has (421), before any upstream session opens.
 
-With ``shared=True`` the listening sockets set SO_REUSEPORT, so several worker
-processes can listen on one port and the kernel spreads connections between them.
+``bind`` makes listening sockets before anything runs, so a busy address is reported
+as such; with ``shared=True`` they set SO_REUSEPORT, so several worker processes can
+each listen on one port and the kernel spreads connections between them. It first
+checks that nothing else listens there (``probe``): SO_REUSEPORT alone would let a
+second pipeproxy share the port silently.
+
+``reload`` runs the hooks that later parts register (``reload_hooks``: each reloads one
+thing, a TLS certificate say, and returns its name) when pipeproxy gets SIGHUP.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import functools
 import socket
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import structlog
 import trio
@@ -32,7 +40,7 @@ from ..core import logschema as L
 from ..core.config import Address, Config
 from ..core.logschema import write
 from ..core.wire import Reply, reply
-from . import streams
+from . import metrics, streams
 from .connection import Connection
 from .tls import ServerTls
 
@@ -68,6 +76,70 @@ async def listen(address: Address, shared: bool = False) -> list[trio.SocketList
     return listeners
 
 
+class ListenError(OSError):
+    """An address that cannot be had, and which one."""
+
+    def __init__(self, address: Address, error: OSError) -> None:
+        super().__init__(error.errno, error.strerror or str(error))
+        self.address = address
+
+    def __str__(self) -> str:
+        return f"cannot listen on {self.address}: {self.strerror}"
+
+
+def _addresses(address: Address) -> list[tuple[Any, ...]]:
+    return socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+
+
+def probe(address: Address) -> int:
+    """Raise ListenError if anything listens on ``address`` (another pipeproxy's workers
+    included); the port, the kernel's pick if 0 was asked for.
+
+    SO_REUSEADDR without SO_REUSEPORT: a bind that only a listening socket refuses, not
+    the TIME_WAIT connections of a pipeproxy that just stopped.
+    """
+    port = address.port
+    try:
+        for family, kind, proto, _, sockaddr in _addresses(address):
+            with socket.socket(family, kind, proto) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind((sockaddr[0], port, *sockaddr[2:]))
+                port = sock.getsockname()[1]
+    except OSError as error:
+        raise ListenError(address, error) from None
+    return port
+
+
+def bind(address: Address, shared: bool = False) -> list[socket.socket]:
+    """Listening sockets for ``address`` (one per address it resolves to); ListenError if
+    it cannot be had. ``shared``: SO_REUSEPORT, for workers (``probe`` first)."""
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, sockaddr in _addresses(address):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if shared:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(sockaddr)
+            sock.listen(BACKLOG)
+    except OSError as error:
+        for sock in sockets:
+            sock.close()
+        if isinstance(error, socket.gaierror):
+            error = OSError(errno.EADDRNOTAVAIL, str(error))
+        raise ListenError(address, error) from None
+    return sockets
+
+
+def listeners_of(sockets: list[socket.socket]) -> list[trio.SocketListener]:
+    return [trio.SocketListener(trio.socket.from_stdlib_socket(sock)) for sock in sockets]
+
+
 class Server:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -78,9 +150,13 @@ class Server:
         self._hurry = trio.CancelScope()
         self._changed = trio.lowlevel.ParkingLot()
         self._sessions: trio.Nursery | None = None
+        # Called on SIGHUP; each reloads one thing and returns its name.
+        self.reload_hooks: list[Callable[[], str]] = []
         # TLS toward clients (STARTTLS, and the implicit TLS listeners); ValueError if the
         # certificate or key cannot be loaded.
         self.tls = ServerTls(config) if config.tls else None
+        if self.tls is not None:
+            self.reload_hooks.append(self._reload_tls)
 
     async def serve(
         self,
@@ -152,6 +228,25 @@ class Server:
             return False, f"draining sessions={len(self.connections)}"
         return True, f"ok sessions={len(self.connections)}"
 
+    def reload(self) -> list[str]:
+        """Run the reload hooks; the names of what was reloaded (a failed hook is logged
+        and what it guards stays as it was)."""
+        reloaded = []
+        for hook in self.reload_hooks:
+            try:
+                reloaded.append(hook())
+            except Exception:
+                self._log.exception(L.RELOAD_FAILED.name)
+        return reloaded
+
+    def _reload_tls(self) -> str:
+        """Certificate rotation: new sessions use the files as they are now; sessions
+        already in TLS keep theirs. ValueError (logged) if the new pair is bad."""
+        assert self.tls is not None
+        if error := self.tls.reload():
+            raise ValueError(error)
+        return "tls certificate"
+
     def hurry(self) -> None:
         """End the grace period now (a second signal)."""
         self._hurry.cancel()
@@ -163,6 +258,7 @@ class Server:
     async def _handle(self, stream: trio.SocketStream, implicit_tls: bool = False) -> None:
         if len(self.connections) >= self.config.max_sessions:
             write(self._log, L.TOO_MANY_SESSIONS, max_sessions=self.config.max_sessions)
+            metrics.observe_line(L.TOO_MANY_SESSIONS)
             await _refuse(stream, TOO_MANY_SESSIONS)
             return
         client, early = streams.peer_address(stream), b""
@@ -171,21 +267,26 @@ class Server:
                 real, early = await _read_proxy_header(stream)
             except (ValueError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as error:
                 write(self._log, L.BAD_PROXY_HEADER, peer=str(client), error=str(error) or "timeout")
+                metrics.observe_line(L.BAD_PROXY_HEADER)
                 await stream.aclose()
                 return
             client = real or client
         if reason := access.refusal(client.host, self.config.allow, self.config.deny):
             write(self._log, L.CLIENT_REFUSED, client=str(client), reason=reason)
+            metrics.observe_line(L.CLIENT_REFUSED, reason=reason)
             await _refuse(stream, ACCESS_DENIED)
             return
         key = str(access.client_ip(client.host) or client.host)
         if 0 < self.config.max_sessions_per_client <= self._per_client[key]:
             write(self._log, L.CLIENT_REFUSED, client=str(client), reason="too many sessions from this client")
+            metrics.observe_line(L.CLIENT_REFUSED, reason="too many sessions from this client")
             await _refuse(stream, TOO_MANY_FROM_CLIENT)
             return
         self._per_client[key] += 1
         connection = Connection(stream, self.config, client, early, self.tls, implicit_tls)
         self.connections.add(connection)
+        if metrics.current:
+            metrics.current.session_opened()
         try:
             if self._accepting.cancel_called:  # accepted just before shutdown began
                 await connection.drain()
@@ -194,6 +295,8 @@ class Server:
             self._log.exception(L.SESSION_FAILED.name)
         finally:
             self.connections.discard(connection)
+            if metrics.current:
+                metrics.current.session_ended()
             self._per_client[key] -= 1
             if not self._per_client[key]:
                 del self._per_client[key]
