@@ -218,7 +218,7 @@ class Config:
         help="mail addresses in the logs: full, as MTAs log them; domain: @example.com only; hash: a keyed "
         "hash of the address then its domain, searchable but not readable (needs --log-hash-key)"))
     log_hash_key: str = field(default="", metadata=setting(
-        "--log-hash-key", "LOG_HASH_KEY", str, metavar="SECRET",
+        "--log-hash-key", "LOG_HASH_KEY", str, metavar="SECRET", secret=True,
         help="the key of --log-addresses hash; the same key gives the same hashes in every process and "
         "restart; a secret: never logged"))
     transcript: bool = field(default=False, metadata=setting(
