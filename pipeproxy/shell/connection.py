@@ -141,8 +141,10 @@ class Connection:
 
     def _handle(self, event: Event) -> list[Action]:
         actions = self.session.handle(event)
-        if any(isinstance(action, DropUpstream) for action in actions):
-            self._upstream_epoch += 1
+        for action in actions:
+            if type(action) is DropUpstream:
+                self._upstream_epoch += 1
+                break
         return actions
 
     async def _read_client(self) -> None:
