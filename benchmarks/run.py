@@ -306,7 +306,8 @@ def floor(runs: int, scale: float, sessions: int = 20) -> None:
         }
         messages = int(4000 * scale)
         print(f"\n## 0. The floor: {sessions} persistent sessions, {messages} messages of 5 recipients a run, "
-              f"upstream smtp-sink -p; medians of {runs} runs, interleaved; cpu: the relay's, % of one core")
+              f"upstream smtp-sink -p; medians of {runs} runs, interleaved; cpu: the relay's, % of one core; "
+              "ratios: medians of each run's")
         results: dict[tuple[str, str], list[tuple[float, float]]] = {}
         for _ in range(runs):
             for client, send in clients.items():
@@ -316,6 +317,8 @@ def floor(runs: int, scale: float, sessions: int = 20) -> None:
                     rate = send(port, messages)["per_second"]
                     cpu = (_cpu_seconds(trees[name]) - before) / (time.perf_counter() - started)
                     results.setdefault((client, name), []).append((rate, cpu))
+        # Ratios: the median of each round's ratio, the two measured minutes apart at most,
+        # so a shared machine's load swings (other work) cancel out of them.
         print(f"{'client':<28}" + "".join(f"{name:>16}" for name in targets) + f"{'pp/relay':>10}{'×2/×1':>8}")
         for client in clients:
             medians = {name: statistics.median(r for r, _ in results[client, name]) for name in targets}
@@ -324,8 +327,13 @@ def floor(runs: int, scale: float, sessions: int = 20) -> None:
                 f"{f'{medians[name]:.0f}/s' + (f' {cpus[name] * 100:.0f}%' if trees[name] else ''):>16}"
                 for name in targets
             )
-            print(f"{client:<28}{cells}{medians['pipeproxy'] / medians['trio relay']:>10.2f}"
-                  f"{medians['pipeproxy×2'] / medians['pipeproxy']:>8.2f}")
+
+            def ratio(a: str, b: str, client: str = client) -> float:
+                pairs = zip(results[client, a], results[client, b], strict=True)
+                return statistics.median(x[0] / y[0] for x, y in pairs)
+
+            relay, workers = ratio("pipeproxy", "trio relay"), ratio("pipeproxy×2", "pipeproxy")
+            print(f"{client:<28}{cells}{relay:>10.2f}{workers:>8.2f}")
             print(f"{'':<28}  each run: " + "; ".join(
                 f"{name} " + "/".join(f"{r:.0f}" for r, _ in results[client, name]) for name in targets))
 
@@ -416,7 +424,7 @@ def main() -> None:
     runs = 3 if args.quick else 5
     print(f"# pipeproxy benchmarks, {time.strftime('%Y-%m-%d')}, on {machine()}")
     if "floor" in sections:
-        floor(runs=3, scale=0.5 if args.quick else 1.0)
+        floor(runs=3 if args.quick else 5, scale=0.5 if args.quick else 1.0)
     if "latency" in sections:
         latency(runs)
     if "throughput" in sections:
