@@ -64,8 +64,11 @@ def wait_listening(port: int, limit: float = 15.0) -> None:
 class Services(contextlib.ExitStack):
     """Background processes, each stopped when the benchmark leaves the block."""
 
-    def start(self, command: list[str]) -> subprocess.Popen:
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def start(self, command: list[str], source: Path | None = None) -> subprocess.Popen:
+        env = None if source is None else {**os.environ, "PYTHONPATH": str(source)}
+        process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=source
+        )
 
         def stop() -> None:
             process.terminate()
@@ -90,13 +93,16 @@ class Services(contextlib.ExitStack):
         wait_listening(port)
         return port
 
-    def pipeproxy(self, upstream: int, workers: int = 1, *options: str) -> tuple[int, subprocess.Popen]:
-        """pipeproxy as deployed: default (info) logging, as JSON, to a discarded stdout."""
+    def pipeproxy(
+        self, upstream: int, workers: int = 1, *options: str, source: Path | None = None
+    ) -> tuple[int, subprocess.Popen]:
+        """pipeproxy as deployed: default (info) logging, as JSON, to a discarded stdout;
+        ``source``: a directory holding another version's ``pipeproxy`` package."""
         port = free_port()
         process = self.start([
             sys.executable, "-m", "pipeproxy", "--listen", f"127.0.0.1:{port}", "--upstream", f"127.0.0.1:{upstream}",
             "--max-sessions", "20000", "--workers", str(workers), *options,
-        ])
+        ], source)
         wait_listening(port)
         return port, process
 
@@ -286,8 +292,9 @@ def _cpu_seconds(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def floor(runs: int, scale: float, sessions: int = 20) -> None:
-    """messages a second through each relay, for a lock-step and a pipelining client."""
+def floor(runs: int, scale: float, sessions: int = 20, baseline: Path | None = None) -> None:
+    """messages a second through each relay, for a lock-step and a pipelining client;
+    ``baseline``: also another version of pipeproxy (a directory holding its package)."""
     with Services() as services:
         sink = services.smtp_sink(pipelining=False)
         targets: dict[str, tuple[int, subprocess.Popen | None]] = {
@@ -298,6 +305,8 @@ def floor(runs: int, scale: float, sessions: int = 20) -> None:
             "pp xclient off": services.pipeproxy(sink, 1, "--xclient", "off"),
             "pipeproxy×2": services.pipeproxy(sink, 2),
         }
+        if baseline is not None:
+            targets["baseline"] = services.pipeproxy(sink, source=baseline)
         time.sleep(1.0)  # the workers of pipeproxy×2 start after its port answers
         trees = {name: _tree(process.pid) if process else [] for name, (_, process) in targets.items()}
         clients = {
@@ -333,7 +342,8 @@ def floor(runs: int, scale: float, sessions: int = 20) -> None:
                 return statistics.median(x[0] / y[0] for x, y in pairs)
 
             relay, workers = ratio("pipeproxy", "trio relay"), ratio("pipeproxy×2", "pipeproxy")
-            print(f"{client:<28}{cells}{relay:>10.2f}{workers:>8.2f}")
+            print(f"{client:<28}{cells}{relay:>10.2f}{workers:>8.2f}"
+                  + (f"  baseline/relay {ratio('baseline', 'trio relay'):.2f}" if baseline else ""))
             print(f"{'':<28}  each run: " + "; ".join(
                 f"{name} " + "/".join(f"{r:.0f}" for r, _ in results[client, name]) for name in targets))
 
@@ -419,12 +429,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", choices=["floor", "latency", "throughput", "memory"])
     parser.add_argument("--quick", action="store_true", help="fewer runs and smaller loads, for a first look")
+    parser.add_argument("--baseline", type=Path, metavar="DIR",
+                        help="floor: also pipeproxy from DIR (e.g. git worktree add /tmp/before COMMIT)")
     args = parser.parse_args()
     sections = args.only or ["floor", "latency", "throughput", "memory"]
     runs = 3 if args.quick else 5
     print(f"# pipeproxy benchmarks, {time.strftime('%Y-%m-%d')}, on {machine()}")
     if "floor" in sections:
-        floor(runs=3 if args.quick else 5, scale=0.5 if args.quick else 1.0)
+        floor(runs=3 if args.quick else 5, scale=0.5 if args.quick else 1.0, baseline=args.baseline)
     if "latency" in sections:
         latency(runs)
     if "throughput" in sections:
