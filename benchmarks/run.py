@@ -2,6 +2,10 @@
 
     bash .ci/setup && .venv/bin/python benchmarks/run.py [--quick] [--only SECTION ...]
 
+0. floor: 20 persistent sessions on loopback in front of smtp-sink -p, a lock-step client
+   (smtp-source -d) and a pipelining one (load.py), through socat, a bare trio byte relay
+   (trio_relay.py: the floor for anything on trio), pipeproxy (also --xclient off, and
+   --workers 2); messages a second, each relay's CPU, and pipeproxy over the trio relay.
 1. latency: a client 100 ms round trip away (delay_relay.py), messages to 1, 10 and 50
    recipients: (a) straight at a legacy MTA (smtp-sink -p: no PIPELINING), (b) through
    pipeproxy in front of it, (c) straight at an MTA that pipelines (smtp-sink). Clients:
@@ -60,8 +64,11 @@ def wait_listening(port: int, limit: float = 15.0) -> None:
 class Services(contextlib.ExitStack):
     """Background processes, each stopped when the benchmark leaves the block."""
 
-    def start(self, command: list[str]) -> subprocess.Popen:
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def start(self, command: list[str], source: Path | None = None) -> subprocess.Popen:
+        env = None if source is None else {**os.environ, "PYTHONPATH": str(source)}
+        process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=source
+        )
 
         def stop() -> None:
             process.terminate()
@@ -75,18 +82,27 @@ class Services(contextlib.ExitStack):
 
     def smtp_sink(self, pipelining: bool) -> int:
         port = free_port()
-        # -u: smtp-sink will not run as root; 1024: its listen backlog.
-        self.start(["smtp-sink", "-u", "nobody", *([] if pipelining else ["-p"]), f"127.0.0.1:{port}", "1024"])
+        # -u: smtp-sink will not run as root; 1024: its listen backlog. -C -F: offer
+        # neither XCLIENT nor XFORWARD, as an MTA that does not trust pipeproxy: smtp-sink
+        # answers XCLIENT with 250 where Postfix's smtpd restarts the session with 220,
+        # so pipeproxy (--xclient auto) would fail closed, and XFORWARD would cost a
+        # round trip a message that a real deployment chooses to pay.
+        self.start([
+            "smtp-sink", "-u", "nobody", "-C", "-F", *([] if pipelining else ["-p"]), f"127.0.0.1:{port}", "1024",
+        ])
         wait_listening(port)
         return port
 
-    def pipeproxy(self, upstream: int, workers: int = 1) -> tuple[int, subprocess.Popen]:
-        """pipeproxy as deployed: default (info) logging, as JSON, to a discarded stdout."""
+    def pipeproxy(
+        self, upstream: int, workers: int = 1, *options: str, source: Path | None = None
+    ) -> tuple[int, subprocess.Popen]:
+        """pipeproxy as deployed: default (info) logging, as JSON, to a discarded stdout;
+        ``source``: a directory holding another version's ``pipeproxy`` package."""
         port = free_port()
         process = self.start([
             sys.executable, "-m", "pipeproxy", "--listen", f"127.0.0.1:{port}", "--upstream", f"127.0.0.1:{upstream}",
-            "--max-sessions", "20000", "--workers", str(workers),
-        ])
+            "--max-sessions", "20000", "--workers", str(workers), *options,
+        ], source)
         wait_listening(port)
         return port, process
 
@@ -106,6 +122,16 @@ class Services(contextlib.ExitStack):
         self.start(["socat", f"TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr,backlog=256", f"TCP:127.0.0.1:{target}"])
         wait_listening(port)
         return port
+
+    def trio_relay(self, target: int) -> tuple[int, subprocess.Popen]:
+        """The floor for anything on trio: a bare byte relay, two tasks a connection."""
+        port = free_port()
+        process = self.start([
+            sys.executable, str(HERE / "trio_relay.py"), "--listen", f"127.0.0.1:{port}",
+            "--target", f"127.0.0.1:{target}",
+        ])
+        wait_listening(port)
+        return port, process
 
     def slow_link(self, target: int) -> int:
         port = free_port()
@@ -228,6 +254,100 @@ def throughput(runs: int, scale: float) -> None:
                           f"{result['p50_ms']:>9.1f}{result['p99_ms']:>9.1f}{ratio:>10.2f}")
 
 
+# -- 0. the floor: pipeproxy against a bare trio relay -----------------------------
+
+SINK_PAYLOAD = 1850  # octets of message body smtp-source sends: about load.py's CONTENT
+
+
+def _smtp_source(port: int, sessions: int, messages: int) -> dict:
+    """A lock-step client (smtp-source has no PIPELINING), persistent sessions (-d)."""
+    command = ["smtp-source", "-s", str(sessions), "-m", str(messages), "-r", "5", "-d", "-l", str(SINK_PAYLOAD),
+               "-M", "client.test", "-f", "bench@client.test", "-t", "r@legacy.test", f"127.0.0.1:{port}"]
+    started = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    return {"per_second": messages / (time.perf_counter() - started)}
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (pipeproxy's workers)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        found.append(current := todo.pop())
+        todo.extend(children.get(current, []))
+    return found
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def floor(runs: int, scale: float, sessions: int = 20, baseline: Path | None = None) -> None:
+    """messages a second through each relay, for a lock-step and a pipelining client;
+    ``baseline``: also another version of pipeproxy (a directory holding its package)."""
+    with Services() as services:
+        sink = services.smtp_sink(pipelining=False)
+        targets: dict[str, tuple[int, subprocess.Popen | None]] = {
+            "direct": (sink, None),
+            "socat": (services.socat(sink), None),
+            "trio relay": services.trio_relay(sink),
+            "pipeproxy": services.pipeproxy(sink),
+            "pp xclient off": services.pipeproxy(sink, 1, "--xclient", "off"),
+            "pipeproxy×2": services.pipeproxy(sink, 2),
+        }
+        if baseline is not None:
+            targets["baseline"] = services.pipeproxy(sink, source=baseline)
+        time.sleep(1.0)  # the workers of pipeproxy×2 start after its port answers
+        trees = {name: _tree(process.pid) if process else [] for name, (_, process) in targets.items()}
+        clients = {
+            "lock-step (smtp-source -d)": lambda port, n: _smtp_source(port, sessions, n),
+            "pipelining (load.py)": lambda port, n: _load(port, sessions, n, persistent=True),
+        }
+        messages = int(4000 * scale)
+        print(f"\n## 0. The floor: {sessions} persistent sessions, {messages} messages of 5 recipients a run, "
+              f"upstream smtp-sink -p; medians of {runs} runs, interleaved; cpu: the relay's, % of one core; "
+              "ratios: medians of each run's")
+        results: dict[tuple[str, str], list[tuple[float, float]]] = {}
+        for _ in range(runs):
+            for client, send in clients.items():
+                for name, (port, _) in targets.items():
+                    before = _cpu_seconds(trees[name])
+                    started = time.perf_counter()
+                    rate = send(port, messages)["per_second"]
+                    cpu = (_cpu_seconds(trees[name]) - before) / (time.perf_counter() - started)
+                    results.setdefault((client, name), []).append((rate, cpu))
+        # Ratios: the median of each round's ratio, the two measured minutes apart at most,
+        # so a shared machine's load swings (other work) cancel out of them.
+        print(f"{'client':<28}" + "".join(f"{name:>16}" for name in targets) + f"{'pp/relay':>10}{'×2/×1':>8}")
+        for client in clients:
+            medians = {name: statistics.median(r for r, _ in results[client, name]) for name in targets}
+            cpus = {name: statistics.median(c for _, c in results[client, name]) for name in targets}
+            cells = "".join(
+                f"{f'{medians[name]:.0f}/s' + (f' {cpus[name] * 100:.0f}%' if trees[name] else ''):>16}"
+                for name in targets
+            )
+
+            def ratio(a: str, b: str, client: str = client) -> float:
+                pairs = zip(results[client, a], results[client, b], strict=True)
+                return statistics.median(x[0] / y[0] for x, y in pairs)
+
+            relay, workers = ratio("pipeproxy", "trio relay"), ratio("pipeproxy×2", "pipeproxy")
+            print(f"{client:<28}{cells}{relay:>10.2f}{workers:>8.2f}"
+                  + (f"  baseline/relay {ratio('baseline', 'trio relay'):.2f}" if baseline else ""))
+            print(f"{'':<28}  each run: " + "; ".join(
+                f"{name} " + "/".join(f"{r:.0f}" for r, _ in results[client, name]) for name in targets))
+
+
 # -- 3. memory and scale -----------------------------------------------------------
 
 
@@ -307,12 +427,16 @@ def machine() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="*", choices=["latency", "throughput", "memory"])
+    parser.add_argument("--only", nargs="*", choices=["floor", "latency", "throughput", "memory"])
     parser.add_argument("--quick", action="store_true", help="fewer runs and smaller loads, for a first look")
+    parser.add_argument("--baseline", type=Path, metavar="DIR",
+                        help="floor: also pipeproxy from DIR (e.g. git worktree add /tmp/before COMMIT)")
     args = parser.parse_args()
-    sections = args.only or ["latency", "throughput", "memory"]
+    sections = args.only or ["floor", "latency", "throughput", "memory"]
     runs = 3 if args.quick else 5
     print(f"# pipeproxy benchmarks, {time.strftime('%Y-%m-%d')}, on {machine()}")
+    if "floor" in sections:
+        floor(runs=3 if args.quick else 5, scale=0.5 if args.quick else 1.0, baseline=args.baseline)
     if "latency" in sections:
         latency(runs)
     if "throughput" in sections:

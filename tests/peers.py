@@ -69,12 +69,16 @@ class Peer:
         return data
 
     async def reply(self) -> Reply:
-        while (reply := self._replies.next_reply()) is None:
-            if not self.buffer and not await self._fill():
-                raise EOFError("connection closed")
-            self._replies.feed(bytes(self.buffer))
-            self.buffer.clear()
-        return reply
+        """The next reply. Only its own lines are taken from ``buffer``: what came in the
+        same read after it (a 421 right behind a 354) stays there for ``rest``."""
+        while True:
+            while (end := self.buffer.find(b"\n")) < 0:
+                if not await self._fill():
+                    raise EOFError("connection closed")
+            self._replies.feed(bytes(self.buffer[: end + 1]))
+            del self.buffer[: end + 1]
+            if (reply := self._replies.next_reply()) is not None:
+                return reply
 
     async def replies(self, count: int) -> list[Reply]:
         return [await self.reply() for _ in range(count)]

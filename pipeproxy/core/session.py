@@ -29,6 +29,7 @@ closes: the client never sees a success the upstream did not give.
 from __future__ import annotations
 
 import enum
+import functools
 import re
 import traceback
 from collections.abc import Callable
@@ -73,9 +74,9 @@ from .wire import (
 )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Exchange:
-    """Something the upstream owes a reply to."""
+    """Something the upstream owes a reply to; each one a constant, compared by identity."""
 
     name: str
     timeout: str  # the Timeouts field that bounds the wait for the reply
@@ -182,6 +183,7 @@ TRANSITIONS: dict[Exchange, tuple[tuple[str, Relay, str | None], ...]] = {
 del _
 
 
+@functools.lru_cache(maxsize=1024)  # a few exchanges and codes: looked up once each
 def transition(exchange: Exchange, code: int, xclient_due: bool = False) -> tuple[Relay, str | None]:
     """How the session answers ``code`` to ``exchange``: relayed as what, then what.
 
@@ -666,7 +668,8 @@ class Session:
         assert pending is not None
         self._outstanding = None
         exchange = pending.exchange
-        self._transcript("upstream", code=upstream_reply.code, text=upstream_reply.text)
+        if self.config.transcript:  # not even the text built otherwise
+            self._transcript("upstream", code=upstream_reply.code, text=upstream_reply.text)
         waited = self._clock() - pending.sent_at
         if self._transaction is not None:
             self._transaction.upstream_wait += waited

@@ -146,15 +146,17 @@ class ClientInput:
 
     def has_line(self) -> bool:
         """Whether a complete line (or one to refuse) is waiting."""
-        return b"\n" in self._buffer or len(self._buffer) >= self._limit(sasl=False)
+        size = len(self._buffer)
+        return b"\n" in self._buffer or (size >= self.max_line and size >= self._limit(sasl=False))
 
     def next_line(self, sasl: bool = False) -> bytes | None:
         """The next line without its CRLF, None if incomplete; ClientError if bad.
 
         ``sasl``: the line answers an AUTH challenge, so the longer SASL limit applies.
         """
-        limit = self._limit(sasl)
         end = self._buffer.find(b"\n")
+        # The limit is never below max_line: only a line that long needs it worked out.
+        limit = self.max_line if len(self._buffer) < self.max_line else self._limit(sasl)
         if end < 0:
             if len(self._buffer) >= limit:
                 # Too long already: drop what we have and keep dropping to the end of

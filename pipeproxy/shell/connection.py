@@ -9,7 +9,10 @@ for the lock or for its actions reads nothing meanwhile: that is the backpressur
 client reader also parks while the Session can hold no more input. A third task sleeps
 until the Session's deadline (on trio's clock) and sends ``Tick``. Every write has a
 time limit, so no peer can hold the lock for ever: a client that stops reading is gone
-after ``client_idle``, an upstream that stops reading fails after ``data_block``.
+after ``client_idle``, an upstream that stops reading fails after ``data_block``. (What
+a socket takes at once, nearly every write, cannot block, so only the rest of a write
+runs under a cancel scope: ``_send``. Reads and writes on plain sockets go through
+``streams``' fast paths: one task switch a side per round trip.)
 
 The Session decides when to connect to the upstream (``ConnectUpstream``) and when to
 drop a connection (``DropUpstream``); what a dropped connection still delivers is never
@@ -152,11 +155,19 @@ class Connection:
         """Hand ``event`` to the Session and carry out what it says, after every earlier
         event's actions and before any later; ``epoch``/``client_epoch``: the upstream
         connection or client stream it came from, dropped if that has been replaced."""
-        async with self._lock:
+        # Uncontended (nearly always), the lock is taken with no schedule point; held
+        # or with waiters, this call queues behind them (FIFO).
+        try:
+            self._lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._lock.acquire()
+        try:
             if (epoch is None or epoch == self._upstream_epoch) and (
                 client_epoch is None or client_epoch == self._client_epoch
             ):
                 await self._perform(self._handle(event))
+        finally:
+            self._lock.release()
         # Only a deadline that comes earlier needs the watchdog woken; one that moves
         # later (every command sent does) is found when the watchdog wakes and looks.
         if (deadline := self.session.deadline) < self._watch.deadline:
@@ -166,8 +177,10 @@ class Connection:
 
     def _handle(self, event: Event) -> list[Action]:
         actions = self.session.handle(event)
-        if any(isinstance(action, DropUpstream) for action in actions):
-            self._upstream_epoch += 1
+        for action in actions:
+            if type(action) is DropUpstream:
+                self._upstream_epoch += 1
+                break
         return actions
 
     def _start_reading(self) -> None:
@@ -185,7 +198,7 @@ class Connection:
                     return
                 with trio.CancelScope() as self._reading:
                     try:
-                        data = await stream.receive_some(size)
+                        data = await streams.receive(stream, size)
                     except _GONE:
                         data = b""  # a reset client is as gone as a closed one: what it sent counts
                     finally:
@@ -201,10 +214,7 @@ class Connection:
     async def _read_upstream(self, stream: trio.abc.Stream, epoch: int) -> None:
         while True:
             try:
-                # A reply is never there the moment we look (the upstream is lock-step):
-                # waiting first saves the read that would fail with EAGAIN every time.
-                await streams.wait_readable(stream)
-                data = await stream.receive_some(CHUNK)
+                data = await streams.receive(stream, CHUNK)
             except _GONE:
                 await self._event(UpstreamFailed("upstream connection reset"), epoch)
                 return
@@ -307,23 +317,15 @@ class Connection:
     async def _send_upstream(self, data: bytes) -> str | None:
         """Write to the upstream; why it failed, or None."""
         assert self.upstream is not None
-        with trio.move_on_after(self.config.timeouts.data_block):
-            try:
-                await self.upstream.send_all(data)
-            except _GONE:
-                return "upstream connection lost while sending"
+        if (sent := await _send(self.upstream, data, self.config.timeouts.data_block)) is None:
             return None
-        return "upstream stopped reading"
+        return "upstream stopped reading" if sent else "upstream connection lost while sending"
 
     async def _send_client(self, data: bytes) -> str | None:
         """Write to the client; why it failed, or None."""
-        with trio.move_on_after(self.config.timeouts.client_idle):
-            try:
-                await self.client.send_all(data)
-            except _GONE:
-                return "client connection lost"
+        if (sent := await _send(self.client, data, self.config.timeouts.client_idle)) is None:
             return None
-        return "client stopped reading"
+        return "client stopped reading" if sent else "client connection lost"
 
     async def _linger(self) -> None:
         """Half-close toward the client and let it finish reading our last reply."""
@@ -335,3 +337,19 @@ class Connection:
                     pass
             except _GONE:
                 pass
+
+
+async def _send(stream: trio.abc.Stream, data: bytes, limit: float) -> bool | None:
+    """Write ``data`` within ``limit`` seconds: None when written, True when the time ran
+    out, False when the connection is gone. What the socket takes at once (a reply, a
+    command: nearly always all of it) needs neither a time limit nor a checkpoint."""
+    try:
+        sent = streams.send_nowait(stream, data)
+        if sent == len(data):
+            return None
+        with trio.CancelScope(deadline=trio.current_time() + limit):
+            await stream.send_all(memoryview(data)[sent:] if sent else data)
+            return None
+    except _GONE:
+        return False
+    return True
