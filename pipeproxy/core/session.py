@@ -59,6 +59,27 @@ from .events import (
 )
 from .identity import ClientIdentity, command_line, offered_attributes
 from .message import HeaderScanner, queue_id, show_address
+from .replies import (
+    BARE_LINE_ENDING,
+    BEFORE_HELLO,
+    DISABLED_WITH_KEYWORD,
+    EARLY_TALKER,
+    INTERNAL_ERROR,
+    NOT_COMPLETED,
+    READY_FOR_TLS,
+    REFUSED,
+    SEND_HELLO_FIRST,
+    SHUTTING_DOWN,
+    TLS_ACTIVE,
+    TOO_BIG,
+    TOO_BIG_REASON,
+    TOO_MANY_RECIPIENTS,
+    TRANSACTION_IN_PROGRESS,
+    UNAVAILABLE,
+    UPSTREAM_TIMED_OUT,
+    needs_tls,
+)
+from .transaction import Transaction
 from .wire import (
     CRLF,
     MAX_AUTH_LINE,
@@ -199,45 +220,6 @@ def transition(exchange: Exchange, code: int, xclient_due: bool = False) -> tupl
     raise AssertionError(f"no row for {exchange.name} {code}")  # every row list ends with "*"
 
 
-# Never forwarded: the proxy would go blind inside TLS (RFC 3207), or could not frame
-# BDAT chunks (RFC 3030). Neither is advertised, so a client sending them gets 502.
-# XCLIENT and XFORWARD would let a client speak for pipeproxy to an MTA that trusts it:
-# refused as Postfix refuses an unauthorised client.
-NOT_AUTHORISED = reply(550, "5.7.0 Error: insufficient authorization")
-REFUSED = {
-    "STARTTLS": reply(502, "5.5.1 Error: STARTTLS is not available through this proxy"),
-    "BDAT": reply(502, "5.5.1 Error: BDAT is not available through this proxy"),
-    "XCLIENT": NOT_AUTHORISED,
-    "XFORWARD": NOT_AUTHORISED,
-}
-# An EHLO keyword the operator discards also turns off the command it names, as in
-# Postfix: hidden but still relayed would be a hole, not a policy.
-DISABLED_WITH_KEYWORD = {
-    "AUTH": reply(503, "5.5.1 Error: authentication not enabled"),
-    "ETRN": reply(502, "5.5.1 Error: command not implemented"),
-    "VRFY": reply(502, "5.5.1 Error: command not implemented"),
-    "EXPN": reply(502, "5.5.1 Error: command not implemented"),
-    "ATRN": reply(502, "5.5.1 Error: command not implemented"),
-}
-# Before the client's EHLO or HELO has let pipeproxy tell the upstream who the client is,
-# only these may pass (RFC 5321 §4.1.4 lets a server insist on EHLO/HELO first).
-BEFORE_HELLO = frozenset({"EHLO", "HELO", "NOOP", "RSET", "QUIT", "HELP"})
-SEND_HELLO_FIRST = reply(503, "5.5.1 Error: send HELO/EHLO first")
-READY_FOR_TLS = reply(220, "2.0.0 Ready to start TLS")
-TLS_ACTIVE = reply(554, "5.5.1 Error: TLS already active")
-TRANSACTION_IN_PROGRESS = reply(503, "5.5.1 Error: MAIL transaction in progress")
-MUST_STARTTLS = reply(530, "5.7.0 Must issue a STARTTLS command first")
-ENCRYPTION_REQUIRED = reply(538, "5.7.11 Encryption required for requested authentication mechanism")
-EARLY_TALKER = reply(554, "5.5.1 Error: talking before the greeting, closing connection")
-UNAVAILABLE = reply(421, "4.4.2 Upstream server unavailable, closing connection")
-SHUTTING_DOWN = reply(421, "4.3.2 Service shutting down, closing connection")
-INTERNAL_ERROR = reply(421, "4.3.0 Error: internal error, closing connection")
-NOT_COMPLETED = reply(421, "4.4.2 Error: message not completed, closing connection")
-UPSTREAM_TIMED_OUT = reply(421, "4.4.2 Upstream server timed out, closing connection")
-TOO_MANY_RECIPIENTS = reply(452, "4.5.3 Error: too many recipients")
-TOO_BIG = reply(552, "5.3.4 Message size exceeds fixed maximum message size")
-TOO_BIG_REASON = "message too big"
-BARE_LINE_ENDING = reply(550, "5.6.0 Message refused: bare CR, LF or NUL in content")
 # RFC 1870 §3: the SIZE parameter of MAIL FROM declares the message size in octets.
 _SIZE_PARAMETER = re.compile(r"\sSIZE=(\d+)", re.IGNORECASE | re.ASCII)
 
@@ -264,33 +246,6 @@ class _Outstanding:
 
 
 @dataclass(slots=True)
-class _Transaction:
-    """One mail transaction, MAIL to its final reply, for the canonical log line."""
-
-    sender: str
-    helo: str | None  # the client's EHLO/HELO name
-    rcpt_sent: int = 0  # RCPT commands sent upstream
-    accepted: int = 0
-    rejected: int = 0
-    # Each recipient's answer: {"address", "code"} and, when refused, the "reply" text.
-    recipients: list[dict[str, Any]] = field(default_factory=list)
-    size: int = 0
-    message_id: str | None = None
-    queue_id: str | None = None
-    upstream_wait: float = 0.0
-    groups: list[int] = field(default_factory=list)
-
-    def answered(self, address: str, answer: Reply) -> None:
-        self.recipients.append(
-            {"address": address, "code": answer.code, **({"reply": answer.text} if answer.code >= 400 else {})}
-        )
-        if answer.code < 400:
-            self.accepted += 1
-        else:
-            self.rejected += 1
-
-
-@dataclass(slots=True)
 class _Message:
     """The content of a message on its way: unframed from the client, framed again."""
 
@@ -314,7 +269,7 @@ class Session:
         self._held: list[Reply] = []  # replies not yet sent to the client
         self._held_since = 0.0
         self._groups = 0  # writes of replies to the client so far
-        self._transaction: _Transaction | None = None
+        self._transaction: Transaction | None = None
         self._client = Address("unknown", 0)
         self._server: Address | None = None
         self._session_id = ""
@@ -539,7 +494,7 @@ class Session:
         if verb in REFUSED:
             self._refuse(verb, REFUSED[verb], "not relayable")
             return
-        if self._tls is None and self.config.tls and (refusal := _needs_tls(verb, self.config)):
+        if self._tls is None and self.config.tls and (refusal := needs_tls(verb, self.config)):
             self._refuse(verb, refusal, "needs TLS")
             return
         if verb in DISABLED_WITH_KEYWORD and verb in self.config.discard_ehlo_keywords:
@@ -564,7 +519,7 @@ class Session:
                 self._refuse(verb, TOO_BIG, "declared SIZE over the limit")
                 return
             helo = self._hello[1].decode("utf-8", "surrogateescape") if self._hello else None
-            self._transaction = _Transaction(sender=self._show(mailbox(text)), helo=helo)
+            self._transaction = Transaction(sender=self._show(mailbox(text)), helo=helo)
         elif exchange is RCPT and transaction is not None:
             if transaction.rcpt_sent >= self.config.max_recipients:
                 transaction.answered(self._recipient(argument), TOO_MANY_RECIPIENTS)
@@ -1000,40 +955,15 @@ class Session:
         if transaction is None:
             return
         self._transaction = None
-        self._log(
-            L.TRANSACTION,
-            helo=transaction.helo,
-            sender=transaction.sender,
-            recipients=transaction.recipients,
-            recipients_accepted=transaction.accepted,
-            recipients_rejected=transaction.rejected,
-            size=transaction.size,
-            message_id=transaction.message_id,
-            queue_id=transaction.queue_id,
-            reply_code=final.code if final else None,
-            reply=final.text if final else None,
-            outcome=outcome,
-            upstream_wait=round(transaction.upstream_wait, 6),
-            tls={"version": self._tls.version, "cipher": self._tls.cipher} if self._tls else None,
-            # replies per client write; a write still being gathered counts as it stands
-            groups=transaction.groups + ([len(self._held)] if self._held else []),
-        )
+        # A write of replies still being gathered counts as it stands.
+        held = len(self._held)
+        self._log(L.TRANSACTION, **transaction.log_fields(final, outcome, held, self._tls))
 
     def _log(self, event: L.LogEvent, **fields: Any) -> None:
         self._emit(Log(event.level, event.name, fields))
 
     def _emit(self, action: Action) -> None:
         self._actions.append(action)
-
-
-def _needs_tls(verb: str, config: Config) -> Reply | None:
-    """The refusal of ``verb`` in a session not yet encrypted, if it has one (RFC 3207 §4,
-    RFC 4954 §6's 538, Postfix's smtpd_tls_auth_only and smtpd_tls_security_level=encrypt)."""
-    if config.require_tls and verb in ("MAIL", "AUTH"):
-        return MUST_STARTTLS
-    if verb == "AUTH" and not config.auth_without_tls:
-        return ENCRYPTION_REQUIRED
-    return None
 
 
 def _over(digits: str, limit: int) -> bool:
