@@ -57,6 +57,24 @@ async def pipeproxy_process() -> AsyncIterator[StartProxyProcess]:
         await process.stop()
 
 
+@pytest.fixture
+def ca():
+    """A test CA of trustme's, new for each test."""
+    import trustme
+
+    return trustme.CA()
+
+
+@pytest.fixture
+def tls_files(ca, tmp_path: Path) -> tuple[str, str]:
+    """pipeproxy's certificate (for localhost, 127.0.0.1, mx.pipeproxy.test) and key."""
+    issued = ca.issue_cert("localhost", "127.0.0.1", "mx.pipeproxy.test")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    issued.private_key_pem.write_to_path(str(key))
+    cert.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+    return str(cert), str(key)
+
+
 @pytest.fixture(scope="session")
 def postfix_esmtp():
     """A private Postfix as a legacy MTA: EHLO without PIPELINING, early input refused."""
