@@ -57,6 +57,24 @@ async def pipeproxy_process() -> AsyncIterator[StartProxyProcess]:
         await process.stop()
 
 
+@pytest.fixture
+def ca():
+    """A test CA of trustme's, new for each test."""
+    import trustme
+
+    return trustme.CA()
+
+
+@pytest.fixture
+def tls_files(ca, tmp_path: Path) -> tuple[str, str]:
+    """pipeproxy's certificate (for localhost, 127.0.0.1, mx.pipeproxy.test) and key."""
+    issued = ca.issue_cert("localhost", "127.0.0.1", "mx.pipeproxy.test")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    issued.private_key_pem.write_to_path(str(key))
+    cert.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+    return str(cert), str(key)
+
+
 @pytest.fixture(scope="session")
 def postfix_esmtp():
     """A private Postfix as a legacy MTA: EHLO without PIPELINING, early input refused."""
@@ -75,6 +93,30 @@ def postfix_front_door():
     (127.0.0.2 is outside ``mynetworks``), only 127.0.0.1 may send XCLIENT, and a second
     listener (``proxy_port``) reads a PROXY header first and judges the client it names."""
     yield from _postfix(mynetworks="127.0.0.1/32", xclient_hosts="127.0.0.1", proxy_protocol=True)
+
+
+@pytest.fixture(scope="session")
+def postfix_tls():
+    """The legacy Postfix offering STARTTLS with a trustme certificate for localhost and
+    legacy.test (not 127.0.0.1: an upstream given by address fails --upstream-tls verify
+    on the name); ``ca_file`` is the CA that issued it."""
+    import trustme
+
+    ca = trustme.CA()
+    issued = ca.issue_cert("localhost", "legacy.test")
+    folder = Path(tempfile.mkdtemp(prefix="pipeproxy-postfix-tls-"))
+    folder.chmod(0o755)
+    cert, key, ca_file = folder / "cert.pem", folder / "key.pem", folder / "ca.pem"
+    cert.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+    issued.private_key_pem.write_to_path(str(key))
+    ca.cert_pem.write_to_path(str(ca_file))
+    for path in (cert, key, ca_file):
+        path.chmod(0o644)
+    for instance in _postfix(tls=(str(cert), str(key))):
+        instance.ca = ca
+        instance.ca_file = str(ca_file)
+        yield instance
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _postfix(**options):

@@ -20,6 +20,13 @@ outside), ``xclient_hosts`` (``smtpd_authorized_xclient_hosts``: who may send XC
 and ``proxy_protocol`` (a second listener, on ``proxy_port``, that expects a PROXY v1 or
 v2 header first: ``smtpd_upstream_proxy_protocol = haproxy``, with XCLIENT not offered
 there). Client ports are logged, so the maillog tells one 127.0.0.1 client from another.
+
+``tls=(cert_file, key_file)`` offers STARTTLS with that certificate
+(``smtpd_tls_security_level = may``) and logs each TLS session; it needs the ``tlsmgr``
+service (without it Postfix answers STARTTLS with ``454 4.7.0 TLS not available due to
+local problem``). ``relay_to`` makes a sender: mail for other domains goes out through
+that relay host (``relayhost``) with ``smtp_tls_security_level = encrypt``, trusting
+``smtp_ca``; mail is injected with ``send``.
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ retry     unix  - - n -  - error
 discard   unix  - - n -  - discard
 virtual   unix  - n n -  - virtual
 anvil     unix  - - n -  1 anvil
+tlsmgr    unix  - - n 1000? 1 tlsmgr
 scache    unix  - - n -  1 scache
 postlog   unix-dgram n - n - 1 postlogd
 """
@@ -94,7 +102,7 @@ smtpd_data_restrictions = reject_unauth_pipelining
 class PrivatePostfix:
     def __init__(
         self, root: Path, *, helo_only: bool = False, mynetworks: str = "127.0.0.0/8", xclient_hosts: str = "",
-        proxy_protocol: bool = False,
+        proxy_protocol: bool = False, tls: tuple[str, str] | None = None, relay_to: str = "", smtp_ca: str = "",
     ) -> None:
         self.root = root
         self.config_dir = root / "etc"
@@ -104,6 +112,9 @@ class PrivatePostfix:
         self.xclient_hosts = xclient_hosts
         # The listener that wants a PROXY header first; None without one.
         self.proxy_port = unused_port() if proxy_protocol else None
+        self.tls = tls
+        self.relay_to = relay_to
+        self.smtp_ca = smtp_ca
 
     @property
     def maillog(self) -> str:
@@ -123,6 +134,20 @@ class PrivatePostfix:
         main_cf = MAIN_CF.format(root=self.root, uid=nobody.pw_uid, gid=nobody.pw_gid, mynetworks=self.mynetworks)
         if self.xclient_hosts:
             main_cf += f"smtpd_authorized_xclient_hosts = {self.xclient_hosts}\n"
+        if self.tls is not None:
+            main_cf += (
+                f"smtpd_tls_security_level = may\nsmtpd_tls_cert_file = {self.tls[0]}\n"
+                f"smtpd_tls_key_file = {self.tls[1]}\nsmtpd_tls_loglevel = 1\n"
+            )
+        if self.relay_to:
+            # A sender: everything not for legacy.test goes to the relay host, over TLS only.
+            main_cf = main_cf.replace("default_transport = discard\n", "")
+            main_cf += (
+                f"relayhost = {self.relay_to}\nsmtp_tls_security_level = encrypt\nsmtp_tls_loglevel = 1\n"
+                "smtp_dns_support_level = disabled\nmyorigin = sender.test\nmyhostname = sender.test\n"
+            )
+            if self.smtp_ca:
+                main_cf += f"smtp_tls_CAfile = {self.smtp_ca}\n"
         if self.helo_only:
             (self.config_dir / "command_filter").write_text("/^[Ee][Hh][Ll][Oo]( .*)?$/ XEHLO$1\n")
             main_cf += f"smtpd_command_filter = regexp:{self.config_dir}/command_filter\n"
@@ -161,6 +186,23 @@ class PrivatePostfix:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"postfix is not listening on {port}:\n{self.maillog}") from None
                 time.sleep(0.1)
+
+    def send(self, sender: str, recipients: list[str], message: bytes) -> None:
+        """Inject a message with this instance's sendmail(1)."""
+        subprocess.run(
+            ["sendmail", "-C", str(self.config_dir), "-f", sender, "--", *recipients],
+            input=message, check=True, capture_output=True, timeout=60,
+        )
+
+    def queue_empty(self, limit: float = 60.0) -> bool:
+        """Wait (bounded) until the queue is empty; whether it is."""
+        deadline = time.monotonic() + limit
+        while True:
+            queued = [path for name in ("incoming", "active", "deferred", "maildrop")
+                      for path in (self.root / "queue" / name).rglob("*") if path.is_file()]
+            if not queued or time.monotonic() > deadline:
+                return not queued
+            time.sleep(0.2)
 
     def stop(self) -> None:
         subprocess.run(["postfix", "-c", str(self.config_dir), "abort"], capture_output=True, timeout=60)

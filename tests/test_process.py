@@ -5,6 +5,7 @@ worker killed, the startup line, and what ps shows. Real processes, real signals
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -160,3 +161,77 @@ def test_secret_settings_are_redacted():
     assert shown["log_hash_key"] == "<redacted>" and "s3cret-key" not in repr(shown)
     assert shown["log_addresses"] == "hash" and shown["listen"] == "127.0.0.1:2525"
 
+
+
+def write_pair(ca, name: str, cert: str, key: str) -> None:
+    issued = ca.issue_cert(name)
+    with open(cert, "wb") as out:
+        out.write(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+    issued.private_key_pem.write_to_path(key)
+
+
+async def starttls(address: Address, context) -> tuple[Peer, trio.SSLStream, str]:
+    """A session at ``address`` in TLS: (its clear peer, its TLS stream, the certificate's name)."""
+    client = await open_session(address)
+    await client.send(b"STARTTLS\r\n")
+    assert (await client.reply()).code == 220
+    stream = trio.SSLStream(client.stream, context, server_hostname=None)
+    await stream.do_handshake()
+    der = stream.getpeercert(binary_form=True)
+    name = next(each for each in (b"old.pipeproxy.test", b"new.pipeproxy.test") if each in der)
+    return client, stream, name.decode()
+
+
+async def tls_reply(stream: trio.SSLStream) -> bytes:
+    """One whole reply, multi-line or not, read inside TLS."""
+    data = b""
+    while not re.search(rb"(^|\r\n)\d{3}( [^\r\n]*)?\r\n$", data):
+        data += await stream.receive_some(65536)
+    return data
+
+
+async def test_sighup_reloads_the_certificate_while_a_tls_session_goes_on(nursery, pipeproxy_process, ca, tmp_path):
+    """Certificate rotation: the open TLS session goes on with the old certificate, a new
+    session gets the new one; a bad new pair is logged and the current one kept."""
+    import ssl
+
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    write_pair(ca, "old.pipeproxy.test", cert, key)
+    mta = LegacyMTA()
+    proxy = await pipeproxy_process(await start_legacy(nursery, mta), PIPEPROXY_TLS_CERT=cert, PIPEPROXY_TLS_KEY=key)
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    _, old_session, name = await starttls(proxy.address, context)
+    assert name == "old.pipeproxy.test"
+
+    write_pair(ca, "new.pipeproxy.test", cert, key)
+    proxy.process.send_signal(signal.SIGHUP)
+    reload = await proxy.log.until("reload")
+    assert reload["reloaded"] == ["tls certificate"]
+    # The open session goes on, inside the TLS it had.
+    await old_session.send_all(b"EHLO client.test\r\n")
+    assert (await tls_reply(old_session)).startswith(b"250-")
+    await old_session.send_all(b"".join(envelope_lines("s@client.test", ["r@legacy.test"])))
+    replies = b""
+    while replies.count(b"\r\n") < 3:
+        replies += await old_session.receive_some(65536)
+    assert [line[:3] for line in replies.split(b"\r\n")[:3]] == [b"250", b"250", b"354"]
+    await old_session.send_all(b"Subject: rotated\r\n\r\nhi\r\n.\r\n")
+    assert (await tls_reply(old_session)).startswith(b"250")
+    assert len(mta.messages) == 1
+    _, new_session, name = await starttls(proxy.address, context)
+    assert name == "new.pipeproxy.test"
+
+    # A key that is not the certificate's: logged, and the new sessions keep the current pair.
+    other = ca.issue_cert("other.pipeproxy.test")
+    other.private_key_pem.write_to_path(key)
+    proxy.process.send_signal(signal.SIGHUP)
+    reload = await proxy.log.until("reload")
+    assert reload["reloaded"] == []
+    assert proxy.log.events("reload failed"), "the bad pair is logged"
+    _, third, name = await starttls(proxy.address, context)
+    assert name == "new.pipeproxy.test"
+    assert proxy.process.returncode is None
+    for stream in (old_session, new_session, third):
+        await stream.aclose()
+    assert await proxy.stop() == 0

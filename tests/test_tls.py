@@ -10,7 +10,6 @@ import shutil
 import smtplib
 import ssl
 import subprocess
-from pathlib import Path
 
 import pytest
 import structlog
@@ -25,20 +24,6 @@ from pipeproxy.shell.server import serve
 from peers import LOCALHOST, Peer, start_legacy
 
 RECIPIENTS = [f"r{i}@legacy.test" for i in range(10)]
-
-
-@pytest.fixture
-def ca(tmp_path: Path) -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture
-def tls_files(ca: trustme.CA, tmp_path: Path) -> tuple[str, str]:
-    issued = ca.issue_cert("localhost", LOCALHOST, "mx.pipeproxy.test")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    issued.private_key_pem.write_to_path(str(key))
-    cert.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
-    return str(cert), str(key)
 
 
 def client_context(ca: trustme.CA) -> ssl.SSLContext:

@@ -3,6 +3,8 @@
 A transcript is a list of steps, in the order things happen (mitmproxy's Playbook):
 
 * inputs: ``C`` and ``U`` feed bytes from the client and from the upstream;
+  ``UPSTREAM_TLS_UP`` and ``UPSTREAM_TLS_FAILED`` (with a reason) end the upstream TLS
+  handshake an ``UpstreamStartTls`` asked for;
   ``CLIENT_EOF``, ``UPSTREAM_EOF``, ``TIMEOUT`` (the clock jumps to the session's
   deadline, then a ``Tick``), ``DRAIN``, ``SHUTDOWN``, ``CLIENT_WRITE_FAILED`` and
   ``UPSTREAM_FAILED`` feed those events;
@@ -26,7 +28,17 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeproxy.core.actions import Action, Close, ConnectUpstream, DropUpstream, Log, StartTls, ToClient, ToUpstream
+from pipeproxy.core.actions import (
+    Action,
+    Close,
+    ConnectUpstream,
+    DropUpstream,
+    Log,
+    StartTls,
+    ToClient,
+    ToUpstream,
+    UpstreamStartTls,
+)
 from pipeproxy.core.config import Address, Config
 from pipeproxy.core.events import (
     ClientClosed,
@@ -43,6 +55,8 @@ from pipeproxy.core.events import (
     UpstreamConnected,
     UpstreamData,
     UpstreamFailed,
+    UpstreamTlsEstablished,
+    UpstreamTlsFailed,
 )
 from pipeproxy.core.logschema import EVENTS
 from pipeproxy.core.session import Session
@@ -55,6 +69,9 @@ CLIENT_WRITE_FAILED, UPSTREAM_FAILED = "client write failed", "upstream failed"
 LOG, RECONNECTED = "log", "reconnected"
 TLS_UP = "tls established"  # the handshake a StartTls asked for succeeded
 TLS = TlsInfo("TLSv1.3", "TLS_AES_256_GCM_SHA384", "mx.legacy.test")
+# TLS with the upstream: the handshake an UpstreamStartTls asked for succeeded, or failed.
+UPSTREAM_TLS_UP, UPSTREAM_TLS_FAILED = "upstream tls established", "upstream tls failed"
+UPSTREAM_TLS = TlsInfo("TLSv1.2", "ECDHE-RSA-AES256-GCM-SHA384", None)
 CLIENT = Address("127.0.0.1", 40000)
 SERVER = Address("127.0.0.1", 2525)  # where the client connected
 SESSION = "5e55104"
@@ -121,6 +138,8 @@ class Run:
                 self.timeline.append(("connect", None))
             elif isinstance(action, DropUpstream):
                 self.timeline.append(("drop", None))
+            elif isinstance(action, UpstreamStartTls):
+                self.timeline.append(("upstream starttls", None))
             elif isinstance(action, StartTls):  # the shell says its 220, then starts TLS
                 self.client_writes.append(action.ready.serialise())
                 self.timeline.append(("client", action.ready.serialise()))
@@ -239,6 +258,12 @@ def play(steps: Sequence[Step], config: Config | None = None, cut: Cutter = whol
         elif kind == TLS_UP:
             assert "starttls" in [entry[0] for entry in run.timeline], "TLS up, but nobody asked"
             run.feed(TlsEstablished(TLS))
+        elif kind in (UPSTREAM_TLS_UP, UPSTREAM_TLS_FAILED):
+            assert "upstream starttls" in [entry[0] for entry in run.timeline], "upstream TLS, but nobody asked"
+            if kind == UPSTREAM_TLS_UP:
+                run.feed(UpstreamTlsEstablished(UPSTREAM_TLS))
+            else:
+                run.feed(UpstreamTlsFailed(step[1] if len(step) > 1 else "certificate verify failed"))
         elif kind == TIMEOUT:
             run.clock.now = run.session.deadline
             run.feed(Tick())

@@ -53,6 +53,13 @@ class StartTls:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamStartTls:
+    """The upstream said 220 to pipeproxy's STARTTLS: start TLS as the client on the
+    upstream connection (reading nothing more from it in clear); answer with
+    UpstreamTlsEstablished or UpstreamTlsFailed."""
+
+
+@dataclass(frozen=True, slots=True)
 class Log:
     """One log line; ``event`` and its fields are named in ``logschema``."""
 
@@ -69,4 +76,4 @@ class Close:
     clean: bool  # the client quit or hung up between commands; nothing went wrong
 
 
-Action = ToClient | ToUpstream | ConnectUpstream | DropUpstream | StartTls | Log | Close
+Action = ToClient | ToUpstream | ConnectUpstream | DropUpstream | StartTls | UpstreamStartTls | Log | Close

@@ -75,7 +75,7 @@ class Timeouts:
     data_end: float = 600.0  # §4.5.3.2.6 final dot to reply; shorter risks duplicates
     command: float = 300.0  # any other command: 5 minutes, as for MAIL
     client_idle: float = 300.0  # §4.5.3.2.7 server waiting for the next command
-    tls_handshake: float = 60.0  # a client's TLS handshake, from STARTTLS or the connect
+    tls_handshake: float = 60.0  # a TLS handshake: a client's (STARTTLS or connect), or with the upstream
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +244,19 @@ class Config:
     require_tls: bool = field(default=False, metadata=setting(
         "--require-tls", "REQUIRE_TLS", values.on_off, choices=("off", "on"),
         help="on: MAIL and AUTH before STARTTLS get 530 5.7.0 Must issue a STARTTLS command first"))
+    upstream_tls: str = field(default="none", metadata=setting(
+        "--upstream-tls", "UPSTREAM_TLS", str, choices=("none", "may", "encrypt", "verify"),
+        help="TLS toward the MTA with its STARTTLS: none (a private network); may: when offered, and on a "
+        "failed handshake reconnect and go on in clear, as Postfix's smtp_tls_security_level = may; encrypt: "
+        "required (421 to the client without it), certificate not checked; verify: required, and the certificate "
+        "checked against --upstream-tls-ca (or the system store) and the --upstream host name"))
+    upstream_tls_ca: str = field(default="", metadata=setting(
+        "--upstream-tls-ca", "UPSTREAM_TLS_CA", str, metavar="FILE",
+        help="PEM CA certificates that --upstream-tls verify trusts instead of the system store"))
+    upstream_tls_min_version: str = field(default="1.2", metadata=setting(
+        "--upstream-tls-min-version", "UPSTREAM_TLS_MIN_VERSION", str, choices=("1.0", "1.1", "1.2", "1.3"),
+        help="the oldest TLS version pipeproxy accepts from the MTA; 1.0 and 1.1 also lower OpenSSL's security "
+        "level (legacy ciphers, SHA-1)"))
     bare_line_endings: BareLineEndings = field(default=BareLineEndings.NEUTRALISE, metadata=setting(
         "--bare-line-endings", "BARE_LINE_ENDINGS", BareLineEndings, choices=tuple(p.value for p in BareLineEndings),
         help="bare CR, bare LF or NUL in message content: neutralise turns CR and LF into CRLF and drops "
@@ -262,5 +275,7 @@ class Config:
             raise ValueError("TLS needs both --tls-cert and --tls-key (and --tls-listen needs them too)")
         if self.require_tls and not self.tls_cert:
             raise ValueError("--require-tls needs --tls-cert and --tls-key")
+        if self.upstream_tls_ca and self.upstream_tls != "verify":
+            raise ValueError("--upstream-tls-ca is for --upstream-tls verify")
         if self.log_addresses == "hash" and not self.log_hash_key:
             raise ValueError("--log-addresses hash needs --log-hash-key (or PIPEPROXY_LOG_HASH_KEY)")

@@ -48,6 +48,21 @@ class TlsFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamTlsEstablished:
+    """The handshake an ``UpstreamStartTls`` asked for succeeded."""
+
+    info: TlsInfo
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTlsFailed:
+    """The handshake an ``UpstreamStartTls`` asked for failed (or the certificate did not
+    verify): that upstream connection is unusable."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class ClientData:
     data: bytes | bytearray  # as trio's receive_some gives it
 
@@ -112,6 +127,8 @@ Event = (
     | UpstreamFailed
     | TlsEstablished
     | TlsFailed
+    | UpstreamTlsEstablished
+    | UpstreamTlsFailed
     | Tick
     | Drain
     | ShutDown

@@ -101,6 +101,22 @@ PLAINTEXT_AFTER_STARTTLS = _event(
     "octets",
     "bytes the client sent after STARTTLS, before TLS: never answered inside TLS (CVE-2011-0411)",
 )
+UPSTREAM_TLS_ESTABLISHED = _event(
+    "upstream tls established", "info", "version cipher", "TLS with the upstream is up (--upstream-tls)"
+)
+UPSTREAM_TLS_FAILED = _event(
+    "upstream tls failed",
+    "warning",
+    "reason action",
+    "no TLS with the upstream: handshake failed, certificate not verified, STARTTLS not offered or refused; "
+    "action: clear (may: went on in clear) or closed (the client got 421)",
+)
+UPSTREAM_BYTES_AFTER_STARTTLS = _event(
+    "upstream bytes after STARTTLS discarded",
+    "warning",
+    "octets",
+    "bytes the upstream sent after its 220 to STARTTLS, before TLS: never taken as replies (response injection)",
+)
 INTERNAL_ERROR = _event(
     "internal error", "error", "exception", "a bug in pipeproxy: the client got 421 and the session ended"
 )

@@ -44,6 +44,7 @@ UNAVAILABLE = reply(421, "4.4.2 Upstream server unavailable, closing connection"
 SHUTTING_DOWN = reply(421, "4.3.2 Service shutting down, closing connection")
 INTERNAL_ERROR = reply(421, "4.3.0 Error: internal error, closing connection")
 NOT_COMPLETED = reply(421, "4.4.2 Error: message not completed, closing connection")
+UPSTREAM_TLS_UNAVAILABLE = reply(421, "4.7.0 TLS with the upstream server not available, closing connection")
 UPSTREAM_TIMED_OUT = reply(421, "4.4.2 Upstream server timed out, closing connection")
 TOO_MANY_RECIPIENTS = reply(452, "4.5.3 Error: too many recipients")
 TOO_BIG = reply(552, "5.3.4 Message size exceeds fixed maximum message size")

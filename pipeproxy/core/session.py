@@ -37,7 +37,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import logschema as L
-from .actions import Action, Close, ConnectUpstream, DropUpstream, Log, StartTls, ToClient, ToUpstream
+from .actions import (
+    Action,
+    Close,
+    ConnectUpstream,
+    DropUpstream,
+    Log,
+    StartTls,
+    ToClient,
+    ToUpstream,
+    UpstreamStartTls,
+)
 from .config import Address, BareLineEndings, Config
 from .ehlo import ehlo_from_helo, offered, rewrite_ehlo
 from .events import (
@@ -56,6 +66,8 @@ from .events import (
     UpstreamConnected,
     UpstreamData,
     UpstreamFailed,
+    UpstreamTlsEstablished,
+    UpstreamTlsFailed,
 )
 from .identity import ClientIdentity, command_line, offered_attributes
 from .message import HeaderScanner, queue_id, show_address
@@ -77,6 +89,7 @@ from .replies import (
     TRANSACTION_IN_PROGRESS,
     UNAVAILABLE,
     UPSTREAM_TIMED_OUT,
+    UPSTREAM_TLS_UNAVAILABLE,
     needs_tls,
 )
 from .transaction import Transaction
@@ -130,8 +143,19 @@ HELO_PROBE = Exchange("EHLO before HELO", "command", proxy=True)
 XCLIENT = Exchange("XCLIENT", "command", proxy=True)
 REPLAY_XCLIENT = Exchange("XCLIENT (reconnect)", "command", proxy=True)
 XFORWARD = Exchange("XFORWARD", "command", proxy=True)
+# TLS toward the upstream (--upstream-tls): after an EHLO reply offering STARTTLS,
+# pipeproxy's STARTTLS; after its 220 the handshake, which the shell does and which owes
+# no reply but blocks the upstream like one (nothing from the client goes upstream
+# meanwhile); then the EHLO again, inside TLS, whose reply is the one the client sees.
+UPSTREAM_STARTTLS = Exchange("STARTTLS (upstream)", "command", proxy=True)
+UPSTREAM_TLS = Exchange("TLS handshake (upstream)", "tls_handshake", proxy=True)
+REPLAY_STARTTLS = Exchange("STARTTLS (reconnect)", "command", proxy=True)
+REPLAY_UPSTREAM_TLS = Exchange("TLS handshake (reconnect)", "tls_handshake", proxy=True)
+# --upstream-tls may and a failed handshake: a new connection, in clear, whose greeting
+# the client (still waiting for its EHLO reply) never sees.
+CLEAR_GREETING = Exchange("greeting (in clear after TLS failed)", "greeting", proxy=True)
 
-REPLAY = (REPLAY_GREETING, REPLAY_EHLO, REPLAY_HELO, REPLAY_XCLIENT)
+REPLAY = (REPLAY_GREETING, REPLAY_EHLO, REPLAY_HELO, REPLAY_XCLIENT, REPLAY_STARTTLS, REPLAY_UPSTREAM_TLS)
 
 VERBS = {
     "EHLO": EHLO,
@@ -159,7 +183,10 @@ class Relay(enum.Enum):
 
 # exchange -> rows of (reply code: exact, "2xx"-style class or "*"; relayed as; then).
 # "2xx+XCLIENT" is a 2xx EHLO reply that offers XCLIENT while pipeproxy has yet to use it
-# on this connection. The first row that matches the reply wins. "then" names the step taken after the reply
+# on this connection. "2xx+STARTTLS" is a 2xx EHLO reply offering STARTTLS on a clear
+# connection while --upstream-tls wants TLS; "2xx-STARTTLS" one that does not offer it
+# while TLS is required (encrypt, verify). STARTTLS comes first, XCLIENT inside TLS.
+# The first row that matches the reply wins. "then" names the step taken after the reply
 # is relayed: a ``_then_<name>`` method below; None: nothing more. A 421 from the upstream
 # ends the channel whatever was asked (RFC 5321 §3.8): it is relayed and the session
 # closes, answering what is still waiting with 421; only during the silent replay after a
@@ -168,6 +195,8 @@ _ = Relay.AS_IS
 TRANSITIONS: dict[Exchange, tuple[tuple[str, Relay, str | None], ...]] = {
     GREETING: (("*", _, "greeting"),),
     EHLO: (
+        ("2xx+STARTTLS", Relay.NOT_RELAYED, "upstream_starttls"),  # the client sees the EHLO inside TLS
+        ("2xx-STARTTLS", Relay.NOT_RELAYED, "upstream_tls_missing"),
         ("2xx+XCLIENT", Relay.NOT_RELAYED, "xclient"),  # the client sees the EHLO after it
         ("2xx", Relay.EHLO_REWRITTEN, "greeted"),
         ("500", Relay.NOT_RELAYED, "helo_fallback"),  # no ESMTP upstream (RFC 5321 §4.1.4)
@@ -176,7 +205,18 @@ TRANSITIONS: dict[Exchange, tuple[tuple[str, Relay, str | None], ...]] = {
     ),
     HELO: (("2xx", _, "greeted"), ("*", _, None)),
     HELO_FALLBACK: (("2xx", Relay.HELO_AS_EHLO, "greeted"), ("*", _, None)),
-    HELO_PROBE: (("2xx+XCLIENT", Relay.NOT_RELAYED, "xclient"), ("*", Relay.NOT_RELAYED, "helo_after_probe")),
+    HELO_PROBE: (
+        ("2xx+STARTTLS", Relay.NOT_RELAYED, "upstream_starttls"),
+        ("2xx-STARTTLS", Relay.NOT_RELAYED, "upstream_tls_missing"),
+        ("2xx+XCLIENT", Relay.NOT_RELAYED, "xclient"),
+        ("*", Relay.NOT_RELAYED, "helo_after_probe"),
+    ),
+    UPSTREAM_STARTTLS: (
+        ("220", Relay.NOT_RELAYED, "upstream_tls"),
+        ("*", Relay.NOT_RELAYED, "upstream_starttls_refused"),
+    ),
+    UPSTREAM_TLS: (("*", Relay.NOT_RELAYED, "reply_during_tls"),),  # nothing is read during the handshake
+    CLEAR_GREETING: (("2xx", Relay.NOT_RELAYED, "hello_again"), ("*", Relay.NOT_RELAYED, "clear_greeting_failed")),
     # Postfix answers a good XCLIENT with a new 220; older ones, and smtp-sink, with 250.
     XCLIENT: (("2xx", Relay.NOT_RELAYED, "xclient_accepted"), ("*", Relay.NOT_RELAYED, "xclient_refused")),
     XFORWARD: (("2xx", Relay.NOT_RELAYED, "mail_after_xforward"), ("*", Relay.NOT_RELAYED, "xforward_refused")),
@@ -192,6 +232,8 @@ TRANSITIONS: dict[Exchange, tuple[tuple[str, Relay, str | None], ...]] = {
     OTHER: (("*", _, None),),
     REPLAY_GREETING: (("2xx", Relay.NOT_RELAYED, "replay_hello"), ("*", Relay.NOT_RELAYED, "replay_failed")),
     REPLAY_EHLO: (
+        ("2xx+STARTTLS", Relay.NOT_RELAYED, "upstream_starttls"),
+        ("2xx-STARTTLS", Relay.NOT_RELAYED, "upstream_tls_missing"),
         ("2xx+XCLIENT", Relay.NOT_RELAYED, "replay_xclient"),
         ("2xx", Relay.NOT_RELAYED, "replay_ehlo_done"),
         ("500", Relay.NOT_RELAYED, "replay_helo"),
@@ -200,20 +242,35 @@ TRANSITIONS: dict[Exchange, tuple[tuple[str, Relay, str | None], ...]] = {
     ),
     REPLAY_HELO: (("2xx", Relay.NOT_RELAYED, "replayed"), ("*", Relay.NOT_RELAYED, "replay_failed")),
     REPLAY_XCLIENT: (("2xx", Relay.NOT_RELAYED, "replay_hello"), ("*", Relay.NOT_RELAYED, "xclient_refused")),
+    REPLAY_STARTTLS: (
+        ("220", Relay.NOT_RELAYED, "upstream_tls"),
+        ("*", Relay.NOT_RELAYED, "upstream_starttls_refused"),
+    ),
+    REPLAY_UPSTREAM_TLS: (("*", Relay.NOT_RELAYED, "reply_during_tls"),),
 }
 del _
 
 
 @functools.lru_cache(maxsize=1024)  # a few exchanges and codes: looked up once each
-def transition(exchange: Exchange, code: int, xclient_due: bool = False) -> tuple[Relay, str | None]:
+def transition(
+    exchange: Exchange, code: int, xclient_due: bool = False, starttls: str = ""
+) -> tuple[Relay, str | None]:
     """How the session answers ``code`` to ``exchange``: relayed as what, then what.
 
     ``xclient_due``: the reply is an EHLO reply offering XCLIENT, not yet used here.
+    ``starttls``: "+" an EHLO reply offering STARTTLS that --upstream-tls wants used,
+    "-" one without it while TLS is required; "" otherwise.
     """
     if code == 421 and exchange not in REPLAY:
         return Relay.AS_IS, "upstream_closing"
     text, klass = str(code), f"{code // 100}xx"
-    patterns = (text, klass, "*", *((f"{klass}+XCLIENT",) if xclient_due else ()))
+    patterns = (
+        text,
+        klass,
+        "*",
+        *((f"{klass}+XCLIENT",) if xclient_due else ()),
+        *((f"{klass}{starttls}STARTTLS",) if starttls else ()),
+    )
     for pattern, relay, then in TRANSITIONS[exchange]:
         if pattern in patterns:
             return relay, then
@@ -288,6 +345,10 @@ class Session:
         self._mail_waiting: tuple[Exchange, bytes, bytes, str] | None = None  # for XFORWARD
         self._early_talker_seen = False
         self._tls: TlsInfo | None = None
+        # TLS with the upstream: per connection; and whether --upstream-tls may gave up
+        # on it for this session after a failed handshake (as Postfix's may does).
+        self._upstream_tls: TlsInfo | None = None
+        self._upstream_tls_given_up = False
         self._hello_needed = False  # after STARTTLS the client must greet again (RFC 3207 §4.2)
         self._client_wait_since: float | None = None
         self._started = clock()
@@ -324,6 +385,9 @@ class Session:
                 self._upstream = "open"  # the greeting is awaited already
             case UpstreamData() | UpstreamClosed() | UpstreamFailed() if self._upstream == "none":
                 pass  # from a connection dropped on purpose: it has nothing more to say
+            case UpstreamData(data) if self._in_upstream_handshake():
+                # Clear bytes after the upstream's 220 to STARTTLS: never replies.
+                self._log(L.UPSTREAM_BYTES_AFTER_STARTTLS, octets=len(data))
             case UpstreamData(data):
                 self._replies.feed(data)
                 self._advance()
@@ -354,6 +418,10 @@ class Session:
                 self._tls_up(info)
                 self._mode = Mode.COMMAND
                 self._advance()
+            case UpstreamTlsEstablished(info):
+                self._upstream_tls_established(info)
+            case UpstreamTlsFailed(reason):
+                self._upstream_tls_failed(reason)
             case TlsFailed(reason):
                 self._log(L.TLS_FAILED, reason=reason)
                 self._client_lost = True  # nothing can be said to it any more, in clear or not
@@ -507,7 +575,8 @@ class Session:
         exchange = VERBS.get(verb, OTHER)
         if exchange in (EHLO, HELO):
             self._hello_request = (exchange, argument)
-            if exchange is HELO and self._xclient == "unknown":
+            # Only an EHLO reply says whether XCLIENT or STARTTLS is offered.
+            if exchange is HELO and (self._xclient == "unknown" or self._upstream_tls_wanted()):
                 self._send(HELO_PROBE, argument, _hello_line(b"EHLO", argument), verb)
                 return
         transaction = self._transaction
@@ -634,8 +703,13 @@ class Session:
                 L.COMMAND, verb=pending.verb, code=upstream_reply.code, upstream_wait=round(waited, 6),
                 group=self._groups + 1,
             )
-        xclient_due = exchange in (EHLO, HELO_PROBE, REPLAY_EHLO) and self._learn_extensions(upstream_reply)
-        relay, then = transition(exchange, upstream_reply.code, xclient_due)
+        starttls = ""
+        xclient_due = False
+        if exchange in (EHLO, HELO_PROBE, REPLAY_EHLO):
+            # Before STARTTLS, what the reply offers is not learnt: the EHLO inside TLS says.
+            starttls = self._starttls_due(upstream_reply)
+            xclient_due = not starttls and self._learn_extensions(upstream_reply)
+        relay, then = transition(exchange, upstream_reply.code, xclient_due, starttls)
         if relay is Relay.EHLO_REWRITTEN:
             discard, added = self._ehlo_policy()
             upstream_reply, removed = rewrite_ehlo(upstream_reply, discard, self.config.max_message_size, added)
@@ -660,6 +734,9 @@ class Session:
         self._hello = (hello, pending.argument)
 
     def _then_helo_fallback(self, pending: _Outstanding, upstream_reply: Reply) -> None:
+        if self._upstream_tls_required():
+            self._then_upstream_tls_missing(pending, upstream_reply)
+            return
         self._log(L.HELO_FALLBACK, code=upstream_reply.code)
         self._send(HELO_FALLBACK, pending.argument, _hello_line(b"HELO", pending.argument))
 
@@ -735,6 +812,9 @@ class Session:
         self._fail(UNAVAILABLE, reason, in_flight=pending.exchange is XCLIENT)
 
     def _then_helo_after_probe(self, pending: _Outstanding, upstream_reply: Reply) -> None:
+        if self._upstream_tls_required():
+            self._then_upstream_tls_missing(pending, upstream_reply)
+            return
         self._send(HELO, pending.argument, _hello_line(b"HELO", pending.argument))
 
     def _then_mail_after_xforward(self, pending: _Outstanding, upstream_reply: Reply) -> None:
@@ -751,10 +831,13 @@ class Session:
     def _then_replay_hello(self, pending: _Outstanding, upstream_reply: Reply) -> None:
         if pending.exchange is REPLAY_XCLIENT:
             self._xclient = "done"
+        self._replay_hello()
+
+    def _replay_hello(self) -> None:
         assert self._hello is not None
         exchange, argument = self._hello
         # A HELO client's session is probed with EHLO first, as at the start.
-        if exchange is EHLO or self._xclient == "unknown":
+        if exchange is EHLO or self._xclient == "unknown" or self._upstream_tls_wanted():
             self._send(REPLAY_EHLO, argument, _hello_line(b"EHLO", argument))
         else:
             self._send(REPLAY_HELO, argument, _hello_line(b"HELO", argument))
@@ -767,6 +850,9 @@ class Session:
             self._send(REPLAY_HELO, pending.argument, _hello_line(b"HELO", pending.argument))
 
     def _then_replay_helo(self, pending: _Outstanding, upstream_reply: Reply) -> None:
+        if self._upstream_tls_required():
+            self._then_upstream_tls_missing(pending, upstream_reply)
+            return
         self._send(REPLAY_HELO, pending.argument, _hello_line(b"HELO", pending.argument))
 
     def _then_replayed(self, pending: _Outstanding, upstream_reply: Reply) -> None:
@@ -775,6 +861,100 @@ class Session:
     def _then_replay_failed(self, pending: _Outstanding, upstream_reply: Reply) -> None:
         reason = f"upstream refused the reconnection ({pending.exchange.name} {upstream_reply.code})"
         self._fail(UNAVAILABLE, reason, in_flight=False)
+
+    # -- TLS toward the upstream (--upstream-tls) ----------------------------------------
+
+    def _upstream_tls_wanted(self) -> bool:
+        """Whether this upstream connection is in clear and --upstream-tls wants it not to be."""
+        return self.config.upstream_tls != "none" and self._upstream_tls is None and not self._upstream_tls_given_up
+
+    def _in_upstream_handshake(self) -> bool:
+        return self._outstanding is not None and self._outstanding.exchange in (UPSTREAM_TLS, REPLAY_UPSTREAM_TLS)
+
+    def _upstream_tls_required(self) -> bool:
+        return self.config.upstream_tls in ("encrypt", "verify") and self._upstream_tls is None
+
+    def _starttls_due(self, upstream_reply: Reply) -> str:
+        """"+": use the STARTTLS this EHLO reply offers; "-": TLS is required and it has
+        none; "": neither (TLS is up, not wanted, or the reply is not a 2xx)."""
+        if upstream_reply.code // 100 != 2 or not self._upstream_tls_wanted():
+            return ""
+        if "STARTTLS" in offered(upstream_reply):
+            return "+"
+        return "-" if self._upstream_tls_required() else ""
+
+    def _then_upstream_starttls(self, pending: _Outstanding, upstream_reply: Reply) -> None:
+        replay = pending.exchange in REPLAY
+        self._send(REPLAY_STARTTLS if replay else UPSTREAM_STARTTLS, b"", b"STARTTLS")
+
+    def _then_upstream_tls(self, pending: _Outstanding, upstream_reply: Reply) -> None:
+        # Anything after the 220 came in clear, before TLS: a reply to a command sent
+        # inside TLS must never be taken from it (response injection, CVE-2011-1575 style).
+        if octets := self._replies.discard():
+            self._log(L.UPSTREAM_BYTES_AFTER_STARTTLS, octets=octets)
+        self._expect(REPLAY_UPSTREAM_TLS if pending.exchange is REPLAY_STARTTLS else UPSTREAM_TLS)
+        self._emit(UpstreamStartTls())
+
+    def _upstream_tls_established(self, info: TlsInfo) -> None:
+        pending = self._outstanding
+        if pending is None or pending.exchange not in (UPSTREAM_TLS, REPLAY_UPSTREAM_TLS):
+            return  # not asked for (a shell bug, or the session failed meanwhile)
+        self._outstanding = None
+        self._upstream_tls = info
+        self._log(L.UPSTREAM_TLS_ESTABLISHED, version=info.version, cipher=info.cipher)
+        # The session starts over inside TLS (RFC 3207 §4.2): EHLO again.
+        if pending.exchange is REPLAY_UPSTREAM_TLS:
+            self._replay_hello()
+        else:
+            self._hello_again()
+        self._advance()
+
+    def _hello_again(self) -> None:
+        """The client's EHLO (or HELO, probed with EHLO) again: its reply is the one it sees."""
+        assert self._hello_request is not None
+        exchange, argument = self._hello_request
+        self._send(EHLO if exchange is EHLO else HELO_PROBE, argument, _hello_line(b"EHLO", argument), exchange.name)
+
+    def _then_hello_again(self, pending: _Outstanding, upstream_reply: Reply) -> None:
+        self._hello_again()
+
+    def _upstream_tls_failed(self, reason: str) -> None:
+        pending = self._outstanding
+        if pending is None or pending.exchange not in (UPSTREAM_TLS, REPLAY_UPSTREAM_TLS):
+            return
+        replay = pending.exchange is REPLAY_UPSTREAM_TLS
+        self._drop_upstream()
+        self._no_upstream_tls(f"TLS handshake failed: {reason}", replay)
+        if self._mode is not Mode.CLOSED:  # may: a new connection, in clear
+            self._connect_upstream(REPLAY_GREETING if replay else CLEAR_GREETING)
+        self._advance()
+
+    def _no_upstream_tls(self, reason: str, replay: bool) -> None:
+        """No TLS on this upstream connection: with may, say so and go on in clear; with
+        encrypt and verify, fail closed."""
+        if self.config.upstream_tls == "may":
+            self._upstream_tls_given_up = True
+            self._log(L.UPSTREAM_TLS_FAILED, reason=reason, action="clear")
+            return
+        self._log(L.UPSTREAM_TLS_FAILED, reason=reason, action="closed")
+        self._fail(UPSTREAM_TLS_UNAVAILABLE, f"no TLS with the upstream: {reason}", in_flight=not replay)
+
+    def _then_upstream_tls_missing(self, pending: _Outstanding, upstream_reply: Reply) -> None:
+        reason = f"STARTTLS not offered ({pending.exchange.name} {upstream_reply.code})"
+        self._no_upstream_tls(reason, pending.exchange in REPLAY)
+
+    def _then_upstream_starttls_refused(self, pending: _Outstanding, upstream_reply: Reply) -> None:
+        replay = pending.exchange in REPLAY
+        self._no_upstream_tls(f"STARTTLS refused ({upstream_reply.code} {upstream_reply.text})", replay)
+        if self._mode is not Mode.CLOSED:  # may: the same connection goes on in clear
+            self._replay_hello() if replay else self._hello_again()
+
+    def _then_clear_greeting_failed(self, pending: _Outstanding, upstream_reply: Reply) -> None:
+        reason = f"upstream refused the reconnection in clear ({upstream_reply.code})"
+        self._fail(UNAVAILABLE, reason)
+
+    def _then_reply_during_tls(self, pending: _Outstanding, upstream_reply: Reply) -> None:
+        self._unsolicited(upstream_reply)
 
     def _unsolicited(self, upstream_reply: Reply | None) -> None:
         """A reply to nothing (None: the start of one): a 421 shutdown notice (RFC 5321
@@ -846,6 +1026,7 @@ class Session:
 
     def _connect_upstream(self, greeting: Exchange) -> None:
         self._upstream = "connecting"
+        self._upstream_tls = None
         self._xclient = "unknown" if self.config.xclient == "auto" else "none"
         self._xforward_attributes = None
         self._expect(greeting)

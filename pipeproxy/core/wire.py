@@ -201,6 +201,12 @@ class ReplyReader:
         """Whether any part of a reply has arrived and not been returned yet."""
         return bool(self._buffer) or bool(self._lines)
 
+    def discard(self) -> int:
+        """Forget what has arrived and not been returned; how many octets it was."""
+        octets = len(self._buffer) + sum(len(raw) for raw in self._raw)
+        self.clear()
+        return octets
+
     def clear(self) -> None:
         """Forget everything: the connection it came from is gone."""
         self._buffer.clear()

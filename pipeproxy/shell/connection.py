@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import ssl
 
 import structlog
 import trio
@@ -38,6 +39,7 @@ from ..core.actions import (
     StartTls,
     ToClient,
     ToUpstream,
+    UpstreamStartTls,
 )
 from ..core.config import Address, Config
 from ..core.events import (
@@ -56,12 +58,14 @@ from ..core.events import (
     UpstreamConnected,
     UpstreamData,
     UpstreamFailed,
+    UpstreamTlsEstablished,
+    UpstreamTlsFailed,
 )
 from ..core.logschema import write
 from ..core.session import Session
 from ..core.wire import Reply
 from . import metrics, streams
-from .tls import ServerTls
+from .tls import ServerTls, upstream_context
 
 CHUNK = 64 * 1024
 # After the last reply, how long to wait for the client to close before we do, so a
@@ -81,9 +85,12 @@ class Connection:
         early: bytes = b"",
         tls: ServerTls | None = None,
         implicit_tls: bool = False,
+        upstream_tls: ssl.SSLContext | None = None,
     ) -> None:
         """``real_client``: the address a PROXY header gave; ``early``: bytes read after it;
-        ``tls``: for STARTTLS, or, with ``implicit_tls``, from the first byte."""
+        ``tls``: for STARTTLS, or, with ``implicit_tls``, from the first byte;
+        ``upstream_tls``: the context for the upstream's STARTTLS (made from ``config``
+        if not given)."""
         self.client = client
         self.config = config
         self.client_address = real_client or streams.peer_address(client)
@@ -105,6 +112,9 @@ class Connection:
         self._reader_done = trio.Event()
         self._tls = tls
         self._implicit_tls = implicit_tls
+        if upstream_tls is None and config.upstream_tls != "none":
+            upstream_tls = upstream_context(config)
+        self._upstream_tls = upstream_tls
         self._lock = trio.StrictFIFOLock()
         self._room = trio.lowlevel.ParkingLot()
         self._closed = trio.Event()
@@ -139,7 +149,8 @@ class Connection:
         finally:
             with trio.CancelScope(shield=True):
                 if self.upstream is not None:
-                    await self.upstream.aclose()
+                    with trio.move_on_after(LINGER), contextlib.suppress(*_GONE):
+                        await self.upstream.aclose()
                 with trio.move_on_after(LINGER), contextlib.suppress(*_GONE):
                     await self.client.aclose()  # TLS says close_notify, if the peer listens
 
@@ -253,6 +264,8 @@ class Connection:
                 await self._drop_upstream()
             elif isinstance(action, StartTls):
                 outcomes.append(await self._start_tls(action.ready))
+            elif isinstance(action, UpstreamStartTls):
+                outcomes.append(await self._upstream_start_tls())
             elif isinstance(action, Close):
                 # Only now: the Session may be closed while another reader still waits to
                 # carry out the replies that came before its Close.
@@ -291,6 +304,28 @@ class Connection:
             return TlsInfo(str(stream.version()), cipher[0] if cipher else "", getattr(stream, "sni", None))
         return "the client did not finish the handshake in time"
 
+    async def _upstream_start_tls(self) -> Event:
+        """The upstream said 220 to STARTTLS: TLS as its client, bounded in time.
+
+        Carried out by the upstream's reader (the 220 came through it), which therefore
+        reads nothing meanwhile; the epoch moves on, so that reader stops reading the
+        clear stream once back, and a new one reads the TLS stream."""
+        assert self.upstream is not None and self._upstream_tls is not None and self._nursery is not None
+        self._upstream_epoch += 1
+        hostname = self.config.upstream.host
+        stream = trio.SSLStream(self.upstream, self._upstream_tls, server_hostname=hostname)
+        with trio.move_on_after(self.config.timeouts.tls_handshake):
+            try:
+                await stream.do_handshake()
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
+                cause = error.__cause__
+                return UpstreamTlsFailed(str(cause) if cause else "the upstream closed the connection")
+            self.upstream = stream
+            self._nursery.start_soon(self._read_upstream, stream, self._upstream_epoch)
+            cipher = stream.cipher()
+            return UpstreamTlsEstablished(TlsInfo(str(stream.version()), cipher[0] if cipher else "", None))
+        return UpstreamTlsFailed("the upstream did not finish the handshake in time")
+
     async def _connect(self) -> Event:
         host, port = self.config.upstream
         limit = trio.current_time() + self.config.timeouts.greeting
@@ -311,7 +346,8 @@ class Connection:
     async def _drop_upstream(self) -> None:
         stream, self.upstream = self.upstream, None
         if stream is not None:
-            with trio.CancelScope(shield=True):
+            # Shielded, and bounded: a TLS stream's close_notify waits on the peer.
+            with trio.CancelScope(shield=True), trio.move_on_after(LINGER), contextlib.suppress(*_GONE):
                 await stream.aclose()
 
     async def _send_upstream(self, data: bytes) -> str | None:

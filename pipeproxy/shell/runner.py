@@ -47,7 +47,7 @@ from . import logging_setup as logs
 from . import metrics
 from .health import Endpoints, Readiness, serve_health
 from .server import ListenError, Server, bind, listen, listeners_of, probe
-from .tls import ServerTls
+from .tls import ServerTls, upstream_context
 
 # A worker that dies is replaced after FIRST_DELAY seconds, doubling each time it dies
 # again within STABLE seconds of starting, up to MAX_DELAY.
@@ -63,11 +63,12 @@ def main(config: Config) -> int:
     try:
         if config.tls:
             ServerTls(config)  # a certificate that cannot be loaded: one line and status 2, before any worker
+        upstream_context(config)  # the same for --upstream-tls-ca
         health = bind(config.health_listen) if config.health_listen else []
         if config.workers > 1:
             return run_workers(config, health)
         listeners = bind(config.listen)
-    except (ListenError, ValueError) as error:  # ValueError: a TLS certificate or key
+    except (ListenError, ValueError) as error:  # ValueError: a TLS certificate, key or CA
         print(f"pipeproxy: error: {error}", file=sys.stderr)
         return 2
     starting(config)

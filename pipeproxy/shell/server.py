@@ -42,7 +42,7 @@ from ..core.logschema import write
 from ..core.wire import Reply, reply
 from . import metrics, streams
 from .connection import Connection
-from .tls import ServerTls
+from .tls import ServerTls, upstream_context
 
 # Connections can arrive in bursts. With a backlog as small as socat's default of 5, a
 # burst of 20 clients had SYNs dropped, each retried only after the 1 s initial
@@ -157,6 +157,8 @@ class Server:
         self.tls = ServerTls(config) if config.tls else None
         if self.tls is not None:
             self.reload_hooks.append(self._reload_tls)
+        # TLS toward the upstream (--upstream-tls); ValueError if the CA cannot be loaded.
+        self.upstream_tls = upstream_context(config)
 
     async def serve(
         self,
@@ -283,7 +285,7 @@ class Server:
             await _refuse(stream, TOO_MANY_FROM_CLIENT)
             return
         self._per_client[key] += 1
-        connection = Connection(stream, self.config, client, early, self.tls, implicit_tls)
+        connection = Connection(stream, self.config, client, early, self.tls, implicit_tls, self.upstream_tls)
         self.connections.add(connection)
         if metrics.current:
             metrics.current.session_opened()

@@ -1,5 +1,6 @@
 """TLS toward clients: the server context, built from the operator's files, and reloaded
-in place (certificate rotation) without touching sessions already running.
+in place (certificate rotation) without touching sessions already running. TLS toward
+the upstream (``--upstream-tls``): the client context, built once per process.
 
 Defaults follow the ``ssl`` module's secure choices (``create_default_context``), with
 TLS 1.2 as the oldest version unless the operator says otherwise, no compression (CRIME)
@@ -54,3 +55,27 @@ class ServerTls:
         except ValueError as error:
             return str(error)
         return None
+
+
+def upstream_context(config: Config) -> ssl.SSLContext | None:
+    """The context for STARTTLS with the upstream; None with --upstream-tls none.
+
+    may and encrypt check nothing (opportunistic TLS, as Postfix's may and encrypt: a
+    self-signed legacy MTA still gets encrypted); verify checks the chain against
+    --upstream-tls-ca (or the system store) and the --upstream host name or address.
+    ValueError if the CA file cannot be loaded.
+    """
+    if config.upstream_tls == "none":
+        return None
+    try:
+        context = ssl.create_default_context(cafile=config.upstream_tls_ca or None)
+    except (OSError, ssl.SSLError) as error:
+        raise ValueError(f"cannot load --upstream-tls-ca: {error}") from None
+    if config.upstream_tls != "verify":
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    context.minimum_version = VERSIONS[config.upstream_tls_min_version]
+    if context.minimum_version < ssl.TLSVersion.TLSv1_2:
+        context.set_ciphers("DEFAULT:@SECLEVEL=0")  # what TLS 1.0/1.1 MTAs still have
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    return context
