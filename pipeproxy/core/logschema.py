@@ -141,9 +141,6 @@ SESSION_FAILED = _event("session failed", "error", "", "a session's shell failed
 STOPPING = _event("stopping", "info", "signal", "a signal asked pipeproxy to stop: the drain begins")
 STOPPING_NOW = _event("stopping now", "info", "signal", "a second signal ended the grace period")
 WORKERS_STARTED = _event("workers started", "info", "workers port", "worker processes share the port")
-WORKER_ENDED = _event(
-    "worker ended, stopping the others", "error", "worker exitcode", "a worker died; the others were stopped"
-)
 STARTING = _event(
     "starting", "info", "version pid settings", "pipeproxy starts: its version and every setting in effect, secrets "
     "redacted"
