@@ -83,7 +83,8 @@ def test_the_probes_ask_the_health_listener():
     _, config = parse(["serve"], environment(sidecar))
     health = config.health_listen
     assert health is not None
-    assert health.host in ("0.0.0.0", "::"), "the kubelet probes the pod IP, not the loopback"
+    # The manifest's setting, not a bind of ours: the kubelet probes the pod IP.
+    assert health.host in ("0.0.0.0", "::"), "the probes would not reach a loopback-only endpoint"  # not a bind
     for kind, path in [("livenessProbe", "/livez"), ("readinessProbe", "/readyz")]:
         get = sidecar[kind]["httpGet"]
         assert get["path"] == path, kind
