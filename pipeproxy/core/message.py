@@ -36,7 +36,10 @@ class HeaderScanner:
         if self._seen + len(content) > MAX_HEADER_SECTION:
             content, self._done = content[: MAX_HEADER_SECTION - self._seen], True
         self._seen += len(content)
-        lines = (self._partial + content).split(b"\r\n")
+        data = self._partial + content
+        if (end := data.find(b"\r\n\r\n")) >= 0:
+            data = data[: end + 4]  # the body's lines are never split up: only the headers'
+        lines = data.split(b"\r\n")
         self._partial = lines.pop()  # not ended yet
         for line in lines:
             if line[:1] in (b" ", b"\t"):
