@@ -213,16 +213,22 @@ class ReplyReader:
         self._lines, self._raw, self._code, self._size = [], [], None, 0
 
     def next_reply(self) -> Reply | None:
+        if not self._buffer:  # the common case between replies: nothing has arrived
+            return None
         while True:
             end = self._buffer.find(b"\n")
             if self._size + (len(self._buffer) if end < 0 else end + 1) > self.max_size:
                 raise UpstreamError("reply too long")
             if end < 0:
                 return None
-            raw = bytes(self._buffer[:end]).removesuffix(b"\r")
+            line = bytes(self._buffer[: end + 1])
             del self._buffer[: end + 1]
-            self._size += end + 1
+            crlf = line.endswith(b"\r\n")
+            raw = line[:-2] if crlf else line[:-1]
             code, last, text = _parse_reply_line(raw)
+            if last and not self._lines:  # a one-line reply, nearly every reply: as it came
+                return Reply(code, (text,), line if crlf else raw + CRLF)
+            self._size += end + 1
             if self._code is not None and code != self._code:
                 raise UpstreamError("multi-line reply changes its code")
             self._code = code
@@ -234,16 +240,22 @@ class ReplyReader:
                 return complete
 
 
+# A well-formed reply line: a code, then nothing, or " " or "-" and a text with no CR
+# or NUL. One match answers for nearly every line; the checks below say what is wrong
+# with one that fails it.
+_REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])(?:([ -])[^\r\x00]*)?")
+
+
 def _parse_reply_line(raw: bytes) -> tuple[int, bool, str]:
     """(code, is last line, text) of one reply line; RFC 5321 §4.2."""
+    if match := _REPLY_LINE.fullmatch(raw):
+        return int(match[1]), match[2] != b"-", raw[4:].decode("utf-8", "surrogateescape")
     if len(raw) < 3 or not raw[:3].isdigit() or raw[:1] not in b"2345":
         raise UpstreamError("malformed reply line")
     separator = raw[3:4]
     if separator not in (b"", b" ", b"-"):
         raise UpstreamError("malformed reply line")
-    if b"\r" in raw or b"\x00" in raw:
-        raise UpstreamError("control character in reply")
-    return int(raw[:3]), separator != b"-", raw[4:].decode("utf-8", "surrogateescape")
+    raise UpstreamError("control character in reply")
 
 
 _END_OF_DATA = b"\r\n.\r\n"
