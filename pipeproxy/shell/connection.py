@@ -99,7 +99,8 @@ class Connection:
         self.log = structlog.get_logger("pipeproxy.session").bind(
             session=self.id, client=str(self.client_address), upstream=str(config.upstream)
         )
-        self.session = Session(config, clock=trio.current_time)
+        # The clock trio.current_time() reads, without the two calls to find it each time.
+        self.session = Session(config, clock=trio.lowlevel.current_clock().current_time)
         self._early = early
         self.upstream: trio.abc.Stream | None = None
         # Bumped the moment the Session drops an upstream connection: a reader of an
@@ -201,26 +202,29 @@ class Connection:
 
     async def _read_client(self, stream: trio.abc.Stream, epoch: int, done: trio.Event) -> None:
         session = self.session
-        try:
-            while epoch == self._client_epoch:
-                while (size := min(CHUNK, session.client_room())) == 0:
-                    await self._room.park()
-                if epoch != self._client_epoch:
-                    return
-                with trio.CancelScope() as self._reading:
+        # One scope for the reader's life (entering one costs more than a read), offered
+        # to STARTTLS to cancel only while the reader waits in a read.
+        with trio.CancelScope() as reading:
+            try:
+                while epoch == self._client_epoch:
+                    while (size := min(CHUNK, session.client_room())) == 0:
+                        await self._room.park()
+                    if epoch != self._client_epoch:
+                        return
+                    self._reading = reading
                     try:
                         data = await streams.receive(stream, size)
                     except _GONE:
                         data = b""  # a reset client is as gone as a closed one: what it sent counts
                     finally:
                         self._reading = None
-                if epoch != self._client_epoch:
-                    return  # STARTTLS came meanwhile: the stream is TLS's now
-                await self._event(ClientData(data) if data else ClientClosed(), client_epoch=epoch)
-                if not data:
-                    return
-        finally:
-            done.set()
+                    if epoch != self._client_epoch:
+                        return  # STARTTLS came meanwhile: the stream is TLS's now
+                    await self._event(ClientData(data) if data else ClientClosed(), client_epoch=epoch)
+                    if not data:
+                        return
+            finally:
+                done.set()
 
     async def _read_upstream(self, stream: trio.abc.Stream, epoch: int) -> None:
         while True:
