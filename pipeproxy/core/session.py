@@ -157,6 +157,8 @@ CLEAR_GREETING = Exchange("greeting (in clear after TLS failed)", "greeting", pr
 
 REPLAY = (REPLAY_GREETING, REPLAY_EHLO, REPLAY_HELO, REPLAY_XCLIENT, REPLAY_STARTTLS, REPLAY_UPSTREAM_TLS)
 
+_EHLO_REPLIES = frozenset({EHLO, HELO_PROBE, REPLAY_EHLO})  # what they offer is learnt
+
 VERBS = {
     "EHLO": EHLO,
     "HELO": HELO,
@@ -371,6 +373,10 @@ class Session:
         if self._mode is Mode.CLOSED:
             return
         match event:
+            # The two events of nearly every call first: a match tries its cases in order.
+            case UpstreamData(data) if self._upstream != "none" and not self._in_upstream_handshake():
+                self._replies.feed(data)
+                self._advance()
             case ClientData() if self._mode is Mode.TLS_HANDSHAKE:
                 pass  # the shell reads nothing now; cleartext here would be an injection
             case ClientData(data):
@@ -385,12 +391,9 @@ class Session:
                 self._upstream = "open"  # the greeting is awaited already
             case UpstreamData() | UpstreamClosed() | UpstreamFailed() if self._upstream == "none":
                 pass  # from a connection dropped on purpose: it has nothing more to say
-            case UpstreamData(data) if self._in_upstream_handshake():
+            case UpstreamData(data):
                 # Clear bytes after the upstream's 220 to STARTTLS: never replies.
                 self._log(L.UPSTREAM_BYTES_AFTER_STARTTLS, octets=len(data))
-            case UpstreamData(data):
-                self._replies.feed(data)
-                self._advance()
             case ClientClosed():
                 self._client_eof = True
                 self._advance()
@@ -705,7 +708,7 @@ class Session:
             )
         starttls = ""
         xclient_due = False
-        if exchange in (EHLO, HELO_PROBE, REPLAY_EHLO):
+        if exchange in _EHLO_REPLIES:
             # Before STARTTLS, what the reply offers is not learnt: the EHLO inside TLS says.
             starttls = self._starttls_due(upstream_reply)
             xclient_due = not starttls and self._learn_extensions(upstream_reply)
@@ -720,7 +723,7 @@ class Session:
             # A 421 is held: the 421s for what is still waiting join it in one write.
             self._answer(upstream_reply, groupable=exchange.groupable or then == "upstream_closing")
         if then is not None:
-            step: Callable[[_Outstanding, Reply], None] = getattr(self, f"_then_{then}")
+            step: Callable[[_Outstanding, Reply], None] = getattr(self, "_then_" + then)
             step(pending, upstream_reply)
 
     # -- the steps named in TRANSITIONS ---------------------------------------------------
@@ -761,6 +764,8 @@ class Session:
         return self._show(mailbox(argument.decode("utf-8", "surrogateescape")))
 
     def _show(self, address: str) -> str:
+        if self.config.log_addresses == "full":  # the default, for every recipient: no key to encode
+            return address
         return show_address(address, self.config.log_addresses, self.config.log_hash_key.encode())
 
     def _then_content(self, pending: _Outstanding, upstream_reply: Reply) -> None:
@@ -972,18 +977,20 @@ class Session:
         message = self._message
         assert message is not None
         content = self._input.read_content(message.unstuffer)
+        framed = b""  # content for the upstream; sent with the terminator if this is the end
         if content:
             message.headers.feed(content)
             if self.config.max_message_size and message.unstuffer.size > self.config.max_message_size:
                 message.stuffer.refuse(TOO_BIG_REASON)
-            if framed := message.stuffer.frame(content):
-                self._emit(ToUpstream(framed))
+            framed = message.stuffer.frame(content)
             if message.stuffer.refused and self._upstream != "none":
                 # Part of the message is upstream already; only dropping the connection
                 # without a final dot keeps it from being delivered. At once: an upstream
                 # left waiting mid-message might time out before the client's end.
                 self._drop_upstream()
         if not message.unstuffer.done:
+            if framed:
+                self._emit(ToUpstream(framed))
             if self._client_eof:
                 self._abandon_message("client closed the connection before the end of the message")
                 self._fail(NOT_COMPLETED, "client closed the connection before the end of the message")
@@ -1000,7 +1007,7 @@ class Session:
             self._refuse_message(message.stuffer.refused)
             return
         self._expect(END_OF_DATA)
-        self._emit(ToUpstream(end))
+        self._emit(ToUpstream(framed + end))  # the last of the content and the terminator: one write
 
     def _refuse_message(self, reason: str) -> None:
         """pipeproxy refused a message and dropped its upstream connection.
