@@ -489,6 +489,14 @@ class Session:
             return self._client_wait_since + self.config.timeouts.client_idle
         return float("inf")
 
+    def awaiting_upstream(self) -> bool:
+        """Whether the upstream owes a reply now."""
+        return self._outstanding is not None
+
+    def awaiting_client(self) -> bool:
+        """Whether the session waits for client input now (no reply is outstanding)."""
+        return self._outstanding is None
+
     def client_room(self) -> int:
         """How many more client bytes may be held; at 0 the shell stops reading."""
         if self._mode is Mode.CLOSED:

@@ -213,7 +213,7 @@ class Connection:
                         return
                     self._reading = reading
                     try:
-                        data = await streams.receive(stream, size)
+                        data = await streams.receive(stream, size, session.awaiting_client)
                     except _GONE:
                         data = b""  # a reset client is as gone as a closed one: what it sent counts
                     finally:
@@ -229,7 +229,7 @@ class Connection:
     async def _read_upstream(self, stream: trio.abc.Stream, epoch: int) -> None:
         while True:
             try:
-                data = await streams.receive(stream, CHUNK)
+                data = await streams.receive(stream, CHUNK, self.session.awaiting_upstream)
             except _GONE:
                 await self._event(UpstreamFailed("upstream connection reset"), epoch)
                 return

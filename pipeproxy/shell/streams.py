@@ -15,6 +15,7 @@ trip costs one task switch a side instead of several.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import trio
 
@@ -49,17 +50,20 @@ def local_address(stream: trio.abc.Stream | trio.abc.Listener[trio.abc.Stream]) 
     return Address(local[0], local[1])
 
 
-async def receive(stream: trio.abc.Stream, max_bytes: int) -> bytes | bytearray:
+async def receive(stream: trio.abc.Stream, max_bytes: int, due: Callable[[], bool]) -> bytes | bytearray:
     """``stream.receive_some(max_bytes)``; on a plain socket, one schedule point, then a
-    read, and only if nothing is there yet a wait for readability and a read again.
-    Raises as ``receive_some`` does."""
+    read if the peer has something ``due`` (asked then), and only if nothing is there
+    yet a wait for readability and a read again. Raises as ``receive_some`` does."""
     if not isinstance(stream, trio.SocketStream):
         return await stream.receive_some(max_bytes)
     sock = stream.socket
-    # Every other task ready to run goes first. Under load that is long enough for the
-    # peer to have answered, and the read below finds its bytes without arming epoll
-    # (one system call) and waiting for the event loop to report them.
+    # Every other task ready to run goes first. Under load that is long enough for a
+    # peer that owes pipeproxy something to have answered, and the read finds its bytes
+    # without arming epoll (one system call) and waiting for the event loop to report
+    # them; a peer that owes nothing is waited for (its read would fail with EAGAIN).
     await trio.lowlevel.checkpoint()
+    if not due():
+        await trio.lowlevel.wait_readable(sock)
     while True:
         if (fd := sock.fileno()) < 0:
             raise trio.ClosedResourceError("the socket was closed")
