@@ -346,6 +346,11 @@ def floor(runs: int, scale: float, sessions: int = 20, baseline: Path | None = N
                   + (f"  baseline/relay {ratio('baseline', 'trio relay'):.2f}" if baseline else ""))
             print(f"{'':<28}  each run: " + "; ".join(
                 f"{name} " + "/".join(f"{r:.0f}" for r, _ in results[client, name]) for name in targets))
+            # CPU a message (user + system) is steadier than messages a second when other
+            # work shares the machine: a relay that uses a core fully is limited by it.
+            print(f"{'':<28}  CPU a message: " + "; ".join(
+                f"{name} {statistics.median(c / r for r, c in results[client, name]) * 1e6:.0f} µs"
+                for name in targets if trees[name]))
 
 
 # -- 3. memory and scale -----------------------------------------------------------
