@@ -1,9 +1,10 @@
 """structlog set-up: JSON lines for machines, a readable console for people.
 
-Follows structlog's production advice: one configuration at start-up, context (session
-id, client, upstream) carried by contextvars and merged into every line, a level filter
+Follows structlog's production advice: one configuration at start-up, a level filter
 that makes filtered-out calls no-ops, and stdlib ``logging`` records (trio's, or any
-library's) rendered by the same renderer through ``ProcessorFormatter``.
+library's) rendered by the same renderer through ``ProcessorFormatter``. A session's
+context (its id, client, upstream) is bound to its logger (``shell/connection.py``);
+contextvars carry what a whole process shares, a worker's index, merged into every line.
 """
 
 from __future__ import annotations
