@@ -52,7 +52,10 @@ def binary(stream: TextIO) -> BinaryIO | None:
 
 
 def configure(log_format: str, level: str, stream: TextIO | None = None) -> None:
-    """``log_format``: json, console, or auto (console on a terminal); ``level``: debug to error."""
+    """``log_format``: json, console, or auto (console on a terminal); ``level``: debug to error.
+
+    Call it before the first line: a ``get_logger()`` logger is cached when first used
+    and keeps the stream and level of the configuration then in force."""
     stream = stream or sys.stdout
     if log_format == "auto":
         log_format = default_format(stream)
@@ -81,7 +84,7 @@ def configure(log_format: str, level: str, stream: TextIO | None = None) -> None
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
         logger_factory=factory,
-        cache_logger_on_first_use=False,
+        cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(stream)
     handler.setFormatter(
