@@ -210,6 +210,23 @@ def test_stdlib_log_records_come_out_as_json():
     assert (line["event"], line["level"]) == ("from stdlib", "warning")
 
 
+def test_json_lines_carry_what_orjson_refuses():
+    """A client's bytes that are not UTF-8 (lone surrogates once decoded), a key that is
+    not a str, an int beyond 64 bits: orjson refuses them, and the line is still written."""
+    fields = {"helo": "\udcff\udcfe", "keys": {1: "one"}, "big": 2**70, "sender": "é@x.test", "tls": None}
+    code = (
+        "import structlog; from pipeproxy.shell import logging_setup; logging_setup.configure('json', 'info'); "
+        f"log = structlog.get_logger('t').bind(session='s'); log.info('refused', **{fields!r}); "
+        f"log.info('written', sender={fields['sender']!r}, size=5)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stderr.decode()
+    refused, written = (json.loads(line) for line in result.stdout.splitlines())
+    assert refused == {"session": "s", **fields, "keys": {"1": "one"}, "event": "refused", "level": "info",
+                       "timestamp": refused["timestamp"]}
+    assert (written["sender"], written["size"], written["event"]) == ("é@x.test", 5, "written")
+
+
 def test_demo_shows_the_refusal_the_delivery_and_the_round_trips_saved():
     """`pipeproxy demo` needs no MTA: it runs its own, and says what pipeproxy saved."""
     result = run_cli("demo")

@@ -7,11 +7,13 @@ from importlib.metadata import version
 import pytest
 import trio
 import trio.lowlevel
+from prometheus_client import CollectorRegistry, generate_latest
 
 from pipeproxy.core.config import Address, Config
 from pipeproxy.demo.client import envelope_lines
 from pipeproxy.demo.legacy_mta import LegacyMTA
 from pipeproxy.shell.health import FRESH, PROBE_INTERVAL, Endpoints, Readiness, check, get, serve_health
+from pipeproxy.shell.metrics import Metrics
 from pipeproxy.shell.server import Server, listen
 
 from peers import LOCALHOST, PIPEPROXY, closed_port, open_session, start_legacy
@@ -121,6 +123,27 @@ def metric(text: str, sample: str) -> float:
     values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.rsplit(" ", 1)[0] == sample]
     assert len(values) == 1, f"{sample} not in:\n{text}"
     return values[0]
+
+
+def test_transaction_lines_count_under_few_labels():
+    """However many error texts the outcomes carry, they count as one "not completed";
+    the recipients and the final codes as the lines say, none counted for a zero."""
+    registry = CollectorRegistry()
+    counted = Metrics(registry)
+    for n in range(100):
+        counted.observe("transaction", {"outcome": f"upstream failed: error {n}", "recipients_accepted": 2,
+                                        "recipients_rejected": n % 2, "reply_code": 451 if n % 2 else None,
+                                        "upstream_wait": 0.01})
+    counted.observe("transaction", {"outcome": "message accepted", "recipients_accepted": 1, "reply_code": 250})
+    text = generate_latest(registry).decode()
+    assert metric(text, 'pipeproxy_messages_total{outcome="not completed"}') == 100
+    assert metric(text, 'pipeproxy_messages_total{outcome="message accepted"}') == 1
+    assert metric(text, 'pipeproxy_recipients_total{result="accepted"}') == 201
+    assert metric(text, 'pipeproxy_recipients_total{result="refused"}') == 50
+    assert metric(text, 'pipeproxy_upstream_replies_total{code="451",stage="message"}') == 50
+    assert metric(text, 'pipeproxy_upstream_replies_total{code="250",stage="message"}') == 1
+    assert metric(text, "pipeproxy_upstream_wait_seconds_count") == 101
+    assert len(counted._outcomes) == 2  # the children it keeps at hand: one per label, not per text
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])

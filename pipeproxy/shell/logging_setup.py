@@ -1,17 +1,23 @@
 """structlog set-up: JSON lines for machines, a readable console for people.
 
-Follows structlog's production advice: one configuration at start-up, context (session
-id, client, upstream) carried by contextvars and merged into every line, a level filter
-that makes filtered-out calls no-ops, and stdlib ``logging`` records (trio's, or any
-library's) rendered by the same renderer through ``ProcessorFormatter``.
+Follows structlog's production and performance advice: one configuration at start-up, a
+level filter that makes filtered-out calls no-ops, JSON rendered by orjson and written
+as bytes, and stdlib ``logging`` records (trio's, or any library's) rendered by the same
+renderer through ``ProcessorFormatter``. A session's context (its id, client, upstream)
+is bound to its logger (``shell/connection.py``); contextvars carry what a whole process
+shares, a worker's index, merged into every line.
 """
 
 from __future__ import annotations
 
+import codecs
+import json
 import logging
 import sys
-from typing import TextIO
+from collections.abc import Callable
+from typing import Any, BinaryIO, TextIO
 
+import orjson
 import structlog
 
 
@@ -19,8 +25,37 @@ def default_format(stream: TextIO) -> str:
     return "console" if stream.isatty() else "json"
 
 
+def json_bytes(event_dict: Any, **kwargs: Any) -> bytes:
+    """A line's JSON by orjson; where orjson refuses (a lone surrogate, which a client's
+    bytes that are not UTF-8 become; a key that is not a str; an int beyond 64 bits), by
+    the json module, as before orjson."""
+    try:
+        return orjson.dumps(event_dict, **kwargs)
+    except orjson.JSONEncodeError:
+        return json.dumps(event_dict, **kwargs).encode()
+
+
+def json_text(event_dict: Any, **kwargs: Any) -> str:
+    """The same, as text (stdlib records: ``logging.Formatter`` returns str)."""
+    return json_bytes(event_dict, **kwargs).decode()
+
+
+def binary(stream: TextIO) -> BinaryIO | None:
+    """The byte stream under ``stream``, if it has one and bytes written there read as
+    its text would (UTF-8, as orjson writes); None otherwise (a StringIO, say)."""
+    buffer = getattr(stream, "buffer", None)
+    try:
+        utf8 = codecs.lookup(getattr(stream, "encoding", None) or "").name == "utf-8"
+    except LookupError:
+        utf8 = False
+    return buffer if utf8 else None
+
+
 def configure(log_format: str, level: str, stream: TextIO | None = None) -> None:
-    """``log_format``: json, console, or auto (console on a terminal); ``level``: debug to error."""
+    """``log_format``: json, console, or auto (console on a terminal); ``level``: debug to error.
+
+    Call it before the first line: a ``get_logger()`` logger is cached when first used
+    and keeps the stream and level of the configuration then in force."""
     stream = stream or sys.stdout
     if log_format == "auto":
         log_format = default_format(stream)
@@ -30,25 +65,32 @@ def configure(log_format: str, level: str, stream: TextIO | None = None) -> None
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     renderer: structlog.types.Processor
+    foreign: structlog.types.Processor  # for stdlib records, which must come out as str
+    # Every logger writes each line whole, newline included, and flushes it (one write(2)
+    # a line), so worker processes sharing stdout never splice their lines together.
+    # Text written to the same stream must be flushed before a line is (the demo's is).
+    factory: Callable[..., Any] = structlog.WriteLoggerFactory(stream)
+    foreign = renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
     if log_format == "json":
-        renderer = structlog.processors.JSONRenderer()
         shared.append(structlog.processors.format_exc_info)
-    else:
-        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
+        if (buffer := binary(stream)) is not None:
+            renderer = structlog.processors.JSONRenderer(serializer=json_bytes)
+            foreign = structlog.processors.JSONRenderer(serializer=json_text)
+            factory = structlog.BytesLoggerFactory(buffer)
+        else:
+            foreign = renderer = structlog.processors.JSONRenderer()
     numeric_level = logging.getLevelNamesMapping()[level.upper()]
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
-        # One write per line, newline included (print() writes the newline apart), so
-        # worker processes sharing stdout never splice their lines together.
-        logger_factory=structlog.WriteLoggerFactory(stream),
-        cache_logger_on_first_use=False,
+        logger_factory=factory,
+        cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(stream)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=shared,
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, foreign],
         )
     )
     root = logging.getLogger()

@@ -66,18 +66,31 @@ class Metrics:
                                           buckets=SESSION_BUCKETS, registry=r)
         self.upstream_alive = Gauge(UPSTREAM_ALIVE, "when the upstream last greeted pipeproxy (Unix time)",
                                     registry=r, multiprocess_mode="max")
+        # What every transaction line counts into, looked up once: labels() takes a lock
+        # and builds a tuple each call. A child stays its label values' for good.
+        self._accepted = self.recipients.labels("accepted")
+        self._refused = self.recipients.labels("refused")
+        self._outcomes: dict[str, Counter] = {}  # messages, by outcome label (few), as they come
+        self._final_codes: dict[object, Counter] = {}  # upstream_replies{stage="message"}, by code
 
     def observe(self, event: str, fields: dict[str, Any]) -> None:
         """One log line's worth of figures."""
         if event == L.TRANSACTION.name:
             outcome = str(fields.get("outcome"))
-            known = outcome in OUTCOMES or outcome.startswith("refused: ")
-            self.messages.labels(outcome if known else "not completed").inc()
-            self.recipients.labels("accepted").inc(fields.get("recipients_accepted") or 0)
-            self.recipients.labels("refused").inc(fields.get("recipients_rejected") or 0)
+            if not (outcome in OUTCOMES or outcome.startswith("refused: ")):
+                outcome = "not completed"
+            if (counter := self._outcomes.get(outcome)) is None:
+                counter = self._outcomes[outcome] = self.messages.labels(outcome)
+            counter.inc()
+            if accepted := fields.get("recipients_accepted"):
+                self._accepted.inc(accepted)
+            if refused := fields.get("recipients_rejected"):
+                self._refused.inc(refused)
             self.upstream_wait.observe(fields.get("upstream_wait") or 0)
             if (code := fields.get("reply_code")) is not None:
-                self.upstream_replies.labels("message", str(code)).inc()
+                if (counter := self._final_codes.get(code)) is None:
+                    counter = self._final_codes[code] = self.upstream_replies.labels("message", str(code))
+                counter.inc()
         elif event == L.SESSION_CLOSED.name:
             self.session_duration.observe(fields.get("duration") or 0)
         elif event == L.UPSTREAM_GREETING.name:
