@@ -76,9 +76,7 @@ async def test_replies_already_given_go_out_before_the_421s_of_a_failure_that_fo
 
     class Stalling(Connection):
         async def _connect(self) -> Event:
-            self.upstream = _StallThenReset(proxy_side)
-            assert self._nursery is not None
-            self._nursery.start_soon(self._read_upstream, self.upstream, self._upstream_epoch)
+            self._use_upstream(_StallThenReset(proxy_side))
             return UpstreamConnected()
 
     async def upstream() -> None:

@@ -4,15 +4,20 @@ Each connection has a reader task that turns what it reads into an event for the
 Session and carries out the actions the Session returns. One FIFO lock is held from the
 Session call until its actions (and the events they lead to: a failed write, a connect)
 are done, so actions happen in the order the Session produced them, never overtaken by
-a later call's, and each group of replies is a single ``send_all``. A reader that waits
-for the lock or for its actions reads nothing meanwhile: that is the backpressure. The
-client reader also parks while the Session can hold no more input. A third task sleeps
-until the Session's deadline (on trio's clock) and sends ``Tick``. Every write has a
-time limit, so no peer can hold the lock for ever: a client that stops reading is gone
-after ``client_idle``, an upstream that stops reading fails after ``data_block``. (What
-a socket takes at once, nearly every write, cannot block, so only the rest of a write
-runs under a cancel scope: ``_send``. Reads and writes on plain sockets go through
-``streams``' fast paths: one task switch a side per round trip.)
+a later call's. A reader that waits for the lock or for its actions reads nothing
+meanwhile: that is the backpressure. The client reader also parks while the Session
+can hold no more input. A third task sleeps until the Session's deadline (on trio's
+clock) and sends ``Tick``.
+
+What the Session says to write is pushed to the side's ``Channel`` (``outbox.py``),
+each group of replies one piece, and written at the end of the event loop's turn with
+every other session's writes. A reader settles its connection's channels after that
+turn, before it reads again (``_after_event``): what the socket did not take is written
+then, and a failed write becomes an event; other tasks settle at once, and anything
+but a write waits until what was said before it is written. Every settling has a time
+limit, so no peer can hold the lock for ever: a client that stops reading is gone after
+``client_idle``, an upstream that stops reading fails after ``data_block``. Reads on
+plain sockets go through ``streams``' fast path: one task switch a side per round trip.
 
 The Session decides when to connect to the upstream (``ConnectUpstream``) and when to
 drop a connection (``DropUpstream``); what a dropped connection still delivers is never
@@ -65,6 +70,7 @@ from ..core.logschema import write
 from ..core.session import Session
 from ..core.wire import Reply
 from . import metrics, streams
+from .outbox import Channel
 from .tls import ServerTls, upstream_context
 
 CHUNK = 64 * 1024
@@ -103,6 +109,9 @@ class Connection:
         self.session = Session(config, clock=trio.lowlevel.current_clock().current_time)
         self._early = early
         self.upstream: trio.abc.Stream | None = None
+        # What is written to each side: at the end of the event loop's turn (outbox.py).
+        self._to_client = Channel(client)
+        self._to_upstream: Channel | None = None
         # Bumped the moment the Session drops an upstream connection: a reader of an
         # older one reports nothing more.
         self._upstream_epoch = 0
@@ -139,15 +148,19 @@ class Connection:
                         nursery.cancel_scope.cancel()
                         return
                     info = outcome
-                await self._event(ClientConnected(self.client_address, self.server_address, self.id, info))
+                await self._event(ClientConnected(self.client_address, self.server_address, self.id, info), now=True)
                 if self._early:
-                    await self._event(ClientData(self._early))
+                    await self._event(ClientData(self._early), now=True)
                 self._start_reading()
                 await self._closed.wait()
                 nursery.cancel_scope.cancel()
             if not self._client_lost:
                 await self._linger()
         finally:
+            # Settled before any Close; what a cancelled session left goes if it can at once.
+            self._to_client.write_nowait()
+            if self._to_upstream is not None:
+                self._to_upstream.write_nowait()
             with trio.CancelScope(shield=True):
                 if self.upstream is not None:
                     with trio.move_on_after(LINGER), contextlib.suppress(*_GONE):
@@ -157,16 +170,20 @@ class Connection:
 
     async def drain(self) -> None:
         """pipeproxy is stopping: finish what is in progress, then say 421 and close."""
-        await self._event(Drain())
+        await self._event(Drain(), now=True)
 
     async def shut_down(self) -> None:
         """The grace period is over: 421 and close now."""
-        await self._event(ShutDown())
+        await self._event(ShutDown(), now=True)
 
-    async def _event(self, event: Event, epoch: int | None = None, client_epoch: int | None = None) -> None:
+    async def _event(
+        self, event: Event, epoch: int | None = None, client_epoch: int | None = None, now: bool = False
+    ) -> None:
         """Hand ``event`` to the Session and carry out what it says, after every earlier
         event's actions and before any later; ``epoch``/``client_epoch``: the upstream
-        connection or client stream it came from, dropped if that has been replaced."""
+        connection or client stream it came from, dropped if that has been replaced.
+        What the actions write goes at the end of the turn; ``now``: settled before this
+        returns (a reader settles after its turn instead: ``_after_event``)."""
         # Uncontended (nearly always), the lock is taken with no schedule point; held
         # or with waiters, this call queues behind them (FIFO).
         try:
@@ -178,6 +195,8 @@ class Connection:
                 client_epoch is None or client_epoch == self._client_epoch
             ):
                 await self._perform(self._handle(event))
+            if now:
+                await self._settle_and_report()
         finally:
             self._lock.release()
         # Only a deadline that comes earlier needs the watchdog woken; one that moves
@@ -200,6 +219,45 @@ class Connection:
         self._reader_done = trio.Event()
         self._nursery.start_soon(self._read_client, self.client, self._client_epoch, self._reader_done)
 
+    async def _after_event(self) -> None:
+        """A reader's turn ends (the outbox writes what its event said, with what every
+        other task said in the turn); then what was not written is, before it reads on."""
+        await trio.lowlevel.checkpoint()
+        if self._to_client.settled and (self._to_upstream is None or self._to_upstream.settled):
+            return
+        async with self._lock:
+            await self._settle_and_report()
+
+    async def _settle_and_report(self) -> None:
+        """Under the lock: write what is pending; hand failed writes to the Session."""
+        while outcomes := await self._settle():
+            for outcome in outcomes:
+                await self._perform(self._handle(outcome))
+
+    async def _settle(self) -> list[Event]:
+        """Under the lock: write what each side still has pending, within its time limit
+        (a client that stops reading is gone after ``client_idle``, an upstream after
+        ``data_block``); the failures, as events."""
+        client, upstream = await self._settle_client(), await self._settle_upstream()
+        return [failure for failure in (client, upstream) if failure is not None]
+
+    async def _settle_client(self) -> Event | None:
+        if self._client_lost:
+            self._to_client.close()  # nothing more is said to it
+            return None
+        if (failure := await self._to_client.settle(self.config.timeouts.client_idle)) is None:
+            return None
+        self._client_lost = True
+        return ClientWriteFailed("client stopped reading" if failure else "client connection lost")
+
+    async def _settle_upstream(self) -> Event | None:
+        if self._to_upstream is None:
+            return None
+        if (failure := await self._to_upstream.settle(self.config.timeouts.data_block)) is None:
+            return None
+        await self._drop_upstream()
+        return UpstreamFailed("upstream stopped reading" if failure else "upstream connection lost while sending")
+
     async def _read_client(self, stream: trio.abc.Stream, epoch: int, done: trio.Event) -> None:
         session = self.session
         # One scope for the reader's life (entering one costs more than a read), offered
@@ -221,6 +279,7 @@ class Connection:
                     if epoch != self._client_epoch:
                         return  # STARTTLS came meanwhile: the stream is TLS's now
                     await self._event(ClientData(data) if data else ClientClosed(), client_epoch=epoch)
+                    await self._after_event()
                     if not data:
                         return
             finally:
@@ -231,9 +290,10 @@ class Connection:
             try:
                 data = await streams.receive(stream, CHUNK, self.session.awaiting_upstream)
             except _GONE:
-                await self._event(UpstreamFailed("upstream connection reset"), epoch)
+                await self._event(UpstreamFailed("upstream connection reset"), epoch, now=True)
                 return
             await self._event(UpstreamData(data) if data else UpstreamClosed(), epoch)
+            await self._after_event()
             if not data or epoch != self._upstream_epoch:
                 return
 
@@ -242,7 +302,7 @@ class Connection:
             with trio.CancelScope(deadline=self.session.deadline) as self._watch:
                 await trio.sleep_forever()
             if trio.current_time() >= self.session.deadline:
-                await self._event(Tick())
+                await self._event(Tick(), now=True)
 
     async def _perform(self, actions: list[Action]) -> None:
         """Carry out ``actions``; what they lead to (a failed write, a connect) is handed
@@ -251,17 +311,20 @@ class Connection:
         outcomes: list[Event] = []
         for action in actions:
             if isinstance(action, ToClient):
-                if not self._client_lost and (failure := await self._send_client(action.data)):
-                    self._client_lost = True
-                    outcomes.append(ClientWriteFailed(failure))
-            elif isinstance(action, ToUpstream):
-                if self.upstream is not None and (failure := await self._send_upstream(action.data)):
-                    await self._drop_upstream()
-                    outcomes.append(UpstreamFailed(failure))
-            elif isinstance(action, Log):
+                if not self._client_lost:
+                    self._to_client.push(action.data)
+                continue
+            if isinstance(action, ToUpstream):
+                if self._to_upstream is not None:
+                    self._to_upstream.push(action.data)
+                continue
+            if isinstance(action, Log):
                 getattr(self.log, action.level)(action.event, **action.fields)
                 metrics.observe(action)
-            elif isinstance(action, ConnectUpstream):
+                continue
+            # Anything else acts on what was said before it: that is written first.
+            outcomes += await self._settle()
+            if isinstance(action, ConnectUpstream):
                 if not self._client_lost:  # the Session will close on the failed write
                     outcomes.append(await self._connect())
             elif isinstance(action, DropUpstream):
@@ -283,9 +346,9 @@ class Connection:
         if self._reading is not None:  # the old reader waits in a read: it stops there
             self._reading.cancel()
             await self._reader_done.wait()
-        if failure := await self._send_client(ready.serialise()):
-            self._client_lost = True
-            return ClientWriteFailed(failure)
+        self._to_client.push(ready.serialise())
+        if failure := await self._settle_client():
+            return failure
         outcome = await self._handshake()
         if isinstance(outcome, str):
             self._client_lost = True
@@ -304,6 +367,7 @@ class Connection:
                 cause = error.__cause__
                 return str(cause) if cause else "the client closed the connection"
             self.client = stream
+            self._to_client = Channel(stream)
             cipher = stream.cipher()
             return TlsInfo(str(stream.version()), cipher[0] if cipher else "", getattr(stream, "sni", None))
         return "the client did not finish the handshake in time"
@@ -314,7 +378,7 @@ class Connection:
         Carried out by the upstream's reader (the 220 came through it), which therefore
         reads nothing meanwhile; the epoch moves on, so that reader stops reading the
         clear stream once back, and a new one reads the TLS stream."""
-        assert self.upstream is not None and self._upstream_tls is not None and self._nursery is not None
+        assert self.upstream is not None and self._upstream_tls is not None
         self._upstream_epoch += 1
         hostname = self.config.upstream.host
         stream = trio.SSLStream(self.upstream, self._upstream_tls, server_hostname=hostname)
@@ -324,8 +388,7 @@ class Connection:
             except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
                 cause = error.__cause__
                 return UpstreamTlsFailed(str(cause) if cause else "the upstream closed the connection")
-            self.upstream = stream
-            self._nursery.start_soon(self._read_upstream, stream, self._upstream_epoch)
+            self._use_upstream(stream)
             cipher = stream.cipher()
             return UpstreamTlsEstablished(TlsInfo(str(stream.version()), cipher[0] if cipher else "", None))
         return UpstreamTlsFailed("the upstream did not finish the handshake in time")
@@ -341,31 +404,25 @@ class Connection:
                     await stream.send_all(proxy_protocol.header(version, self.client_address, self.server_address))
             except (OSError, trio.BrokenResourceError) as error:
                 return UpstreamFailed(f"upstream unreachable: {error}")
-            self.upstream = stream
-            assert self._nursery is not None
-            self._nursery.start_soon(self._read_upstream, stream, self._upstream_epoch)
+            self._use_upstream(stream)
             return UpstreamConnected()
         return UpstreamFailed("upstream unreachable: connect timed out")
 
+    def _use_upstream(self, stream: trio.abc.Stream) -> None:
+        """From now on the upstream is ``stream``: written through a channel of its own,
+        read by a reader of its own."""
+        assert self._nursery is not None
+        self.upstream = stream
+        self._to_upstream = Channel(stream)
+        self._nursery.start_soon(self._read_upstream, stream, self._upstream_epoch)
+
     async def _drop_upstream(self) -> None:
         stream, self.upstream = self.upstream, None
+        self._to_upstream = None  # what it had not written yet goes with it
         if stream is not None:
             # Shielded, and bounded: a TLS stream's close_notify waits on the peer.
             with trio.CancelScope(shield=True), trio.move_on_after(LINGER), contextlib.suppress(*_GONE):
                 await stream.aclose()
-
-    async def _send_upstream(self, data: bytes) -> str | None:
-        """Write to the upstream; why it failed, or None."""
-        assert self.upstream is not None
-        if (sent := await _send(self.upstream, data, self.config.timeouts.data_block)) is None:
-            return None
-        return "upstream stopped reading" if sent else "upstream connection lost while sending"
-
-    async def _send_client(self, data: bytes) -> str | None:
-        """Write to the client; why it failed, or None."""
-        if (sent := await _send(self.client, data, self.config.timeouts.client_idle)) is None:
-            return None
-        return "client stopped reading" if sent else "client connection lost"
 
     async def _linger(self) -> None:
         """Half-close toward the client and let it finish reading our last reply."""
@@ -378,18 +435,3 @@ class Connection:
             except _GONE:
                 pass
 
-
-async def _send(stream: trio.abc.Stream, data: bytes, limit: float) -> bool | None:
-    """Write ``data`` within ``limit`` seconds: None when written, True when the time ran
-    out, False when the connection is gone. What the socket takes at once (a reply, a
-    command: nearly always all of it) needs neither a time limit nor a checkpoint."""
-    try:
-        sent = streams.send_nowait(stream, data)
-        if sent == len(data):
-            return None
-        with trio.CancelScope(deadline=trio.current_time() + limit):
-            await stream.send_all(memoryview(data)[sent:] if sent else data)
-            return None
-    except _GONE:
-        return False
-    return True

@@ -1,0 +1,95 @@
+"""The outbox: writes made at the end of the event loop's turn, in order, and every
+failure told to the connection once. Over real socket pairs."""
+
+from __future__ import annotations
+
+import socket
+
+import trio
+
+from pipeproxy.shell.outbox import Channel
+
+
+def _pair() -> tuple[trio.SocketStream, socket.socket]:
+    """pipeproxy's end as a trio stream, the peer's as a plain non-blocking socket."""
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    return trio.SocketStream(trio.socket.from_stdlib_socket(ours)), theirs
+
+
+def _received(peer: socket.socket) -> bytes:
+    try:
+        return peer.recv(1 << 20)
+    except BlockingIOError:
+        return b""
+
+
+async def test_what_a_turn_pushes_is_written_when_the_turn_ends_in_the_order_pushed():
+    stream, peer = _pair()
+    channel = Channel(stream)
+    channel.push(b"250 first\r\n")
+    channel.push(b"250 second\r\n")
+    assert _received(peer) == b""  # nothing yet: the turn goes on
+    await trio.lowlevel.checkpoint()  # the turn ends
+    assert _received(peer) == b"250 first\r\n250 second\r\n"
+    assert channel.settled
+    assert await channel.settle(1.0) is None
+
+
+async def test_writes_from_many_channels_in_one_turn_all_go_at_its_end():
+    pairs = [_pair() for _ in range(5)]
+    channels = [Channel(stream) for stream, _ in pairs]
+    for number, channel in enumerate(channels):
+        channel.push(b"reply %d\r\n" % number)
+    assert [_received(peer) for _, peer in pairs] == [b""] * 5
+    await trio.lowlevel.checkpoint()
+    assert [_received(peer) for _, peer in pairs] == [b"reply %d\r\n" % number for number in range(5)]
+
+
+async def test_what_the_socket_does_not_take_waits_in_order_and_settling_bounds_it_in_time(autojump_clock):
+    stream, peer = _pair()
+    channel = Channel(stream)
+    big = bytes(range(256)) * 40_000  # more than any socket buffer takes at once
+    channel.push(big)
+    channel.push(b"after")
+    await trio.lowlevel.checkpoint()
+    assert not channel.settled  # the rest waits for the connection to settle it
+    assert await channel.settle(5.0) is True  # the peer never reads: the time runs out
+    channel.push(b"more")  # after a failure nothing more is written
+    received = b""
+    while chunk := _received(peer):
+        received += chunk
+    assert big.startswith(received) and len(received) < len(big)
+    assert b"after" not in received and b"more" not in received
+
+
+async def test_settling_writes_the_rest_once_the_peer_reads_again():
+    stream, peer = _pair()
+    channel = Channel(stream)
+    big = b"x" * 3_000_000
+    channel.push(big)
+    channel.push(b"END")
+    await trio.lowlevel.checkpoint()
+    received = bytearray()
+
+    async def read_all() -> None:
+        while not received.endswith(b"END"):
+            await trio.lowlevel.wait_readable(peer)
+            received.extend(_received(peer))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_all)
+        assert await channel.settle(60.0) is None
+    assert received == big + b"END"
+
+
+async def test_a_peer_that_is_gone_is_told_once():
+    stream, peer = _pair()
+    peer.close()
+    channel = Channel(stream)
+    channel.push(b"250 ok\r\n" * 100_000)
+    await trio.lowlevel.checkpoint()  # the write at the end of the turn fails
+    assert not channel.settled
+    assert await channel.settle(1.0) is False
+    assert channel.settled
+    assert await channel.settle(1.0) is None
