@@ -1,20 +1,26 @@
 """The trio shell around one session: no peer can hold it for ever, and the order of what
 the core says is the order on the wire, whatever the timing of both sides.
 
-Found in review of core v2; both tests failed before their fixes.
+Found in reviews (core v2; writes at the end of the event loop's turn); each test failed
+before its fix.
 """
 
 from __future__ import annotations
 
+import os
+import re
+
+import structlog
 import trio
 import trio.testing
 
 from pipeproxy.core.config import Config, Timeouts
 from pipeproxy.core.events import Event, UpstreamConnected
 from pipeproxy.shell.connection import Connection
+from pipeproxy.shell.tls import ServerTls
 
 from peers import Peer, open_session, start_proxy, start_upstream
-from test_faults import greet_and_accept_envelope
+from test_faults import greet_and_accept_envelope, greet_and_ehlo, reset
 
 
 async def test_an_upstream_that_stops_reading_mid_message_cannot_hang_the_session(nursery, autojump_clock):
@@ -104,3 +110,65 @@ async def test_replies_already_given_go_out_before_the_421s_of_a_failure_that_fo
         nursery.cancel_scope.cancel()
     codes = [line[:3] for line in got.split(b"\r\n") if line]
     assert codes == [b"250", b"250", b"421", b"421"], got
+
+
+async def test_an_upstream_reset_found_by_a_write_ends_the_session_with_421s_and_no_error(nursery):
+    """The upstream answers MAIL and resets at once: the write of RCPT finds the reset and
+    the shell closes that socket. Its reader then waited for readability on the closed
+    socket (fd -1): a ValueError, logged as 'session failed' after the clean close."""
+
+    async def answer_mail_then_reset(peer: Peer) -> None:
+        await greet_and_ehlo(peer)
+        assert (await peer.line()).startswith(b"MAIL")
+        os.write(peer.stream.socket.fileno(), b"250 Ok\r\n")  # and the reset: no checkpoint between
+        reset(peer)
+
+    proxy = await start_proxy(nursery, await start_upstream(nursery, answer_mail_then_reset))
+    with structlog.testing.capture_logs() as logs:
+        client = await open_session(proxy)
+        await client.send(b"MAIL FROM:<s@x>\r\nRCPT TO:<r@x>\r\nDATA\r\n")
+        with trio.fail_after(10):
+            rest = await client.rest()
+        await trio.sleep(0.1)  # the session's last lines
+    assert rest.startswith(b"250 Ok\r\n421 4.4.2"), rest
+    assert [line for line in logs if line["log_level"] == "error"] == []
+    assert "session closed" in [line["event"] for line in logs]
+
+
+async def test_starttls_after_a_client_write_that_timed_out_waits_for_no_handshake(nursery, tls_files, autojump_clock):
+    """The client pipelines NOOP and STARTTLS and reads nothing more: the NOOP reply's write
+    times out, the client is gone, and the session ends then, not a handshake's time later."""
+
+    async def upstream_script(peer: Peer) -> None:
+        await greet_and_ehlo(peer)
+        assert await peer.line() == b"NOOP\r\n"
+        await peer.send(b"250 Ok\r\n")
+        await trio.sleep_forever()
+
+    cert, key = tls_files
+    config = Config(
+        upstream=await start_upstream(nursery, upstream_script), tls_cert=cert, tls_key=key,
+        timeouts=Timeouts(client_idle=10.0, tls_handshake=1000.0),
+    )
+    client_stream, proxy_stream = trio.testing.lockstep_stream_pair()  # no buffer: a write waits for a read
+    connection = Connection(proxy_stream, config, tls=ServerTls(config))
+    ended = trio.Event()
+
+    async def serve() -> None:
+        await connection.serve()
+        ended.set()
+
+    async def reply() -> bytes:
+        data = b""
+        while not re.search(rb"(^|\n)\d{3} [^\r\n]*\r\n$", data):
+            data += await client_stream.receive_some()
+        return data
+
+    nursery.start_soon(serve)
+    assert (await reply()).startswith(b"220 ")
+    await client_stream.send_all(b"EHLO client.test\r\n")
+    assert (await reply()).startswith(b"250")
+    await client_stream.send_all(b"NOOP\r\nSTARTTLS\r\n")
+    started = trio.current_time()
+    await ended.wait()
+    assert trio.current_time() - started < 100  # client_idle (10 s), not the handshake's 1000 s

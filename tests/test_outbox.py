@@ -7,6 +7,7 @@ import socket
 
 import trio
 
+from pipeproxy.shell import outbox
 from pipeproxy.shell.outbox import Channel
 
 
@@ -93,3 +94,28 @@ async def test_a_peer_that_is_gone_is_told_once():
     assert await channel.settle(1.0) is False
     assert channel.settled
     assert await channel.settle(1.0) is None
+
+
+async def test_a_bug_in_one_write_leaves_the_outbox_working_for_every_other(monkeypatch):
+    """trio disables, for the whole process, an instrument that raises: a bug in one
+    channel's write must stay that channel's, its bytes kept for its own settling."""
+    broken_stream, broken_peer = _pair()
+    broken = Channel(broken_stream)
+    real_write = outbox.os.write
+
+    def write(fd: int, data: bytes) -> int:
+        if fd == broken_stream.socket.fileno():
+            raise ZeroDivisionError("a bug")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(outbox.os, "write", write)
+    broken.push(b"kept\r\n")
+    await trio.lowlevel.checkpoint()
+    monkeypatch.undo()
+    stream, peer = _pair()
+    Channel(stream).push(b"250 ok\r\n")
+    await trio.lowlevel.checkpoint()  # a later turn: the outbox still writes at its end
+    assert _received(peer) == b"250 ok\r\n"
+    assert not broken.settled
+    assert await broken.settle(1.0) is None
+    assert _received(broken_peer) == b"kept\r\n"

@@ -330,7 +330,8 @@ class Connection:
             elif isinstance(action, DropUpstream):
                 await self._drop_upstream()
             elif isinstance(action, StartTls):
-                outcomes.append(await self._start_tls(action.ready))
+                if not self._client_lost:  # the write before it failed: no handshake to wait for
+                    outcomes.append(await self._start_tls(action.ready))
             elif isinstance(action, UpstreamStartTls):
                 outcomes.append(await self._upstream_start_tls())
             elif isinstance(action, Close):
@@ -419,6 +420,7 @@ class Connection:
     async def _drop_upstream(self) -> None:
         stream, self.upstream = self.upstream, None
         self._to_upstream = None  # what it had not written yet goes with it
+        self._upstream_epoch += 1  # (again, when the Session dropped it) its reader says no more
         if stream is not None:
             # Shielded, and bounded: a TLS stream's close_notify waits on the peer.
             with trio.CancelScope(shield=True), trio.move_on_after(LINGER), contextlib.suppress(*_GONE):

@@ -20,6 +20,7 @@ written by settling at once.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import trio
@@ -39,7 +40,12 @@ class Outbox(trio.abc.Instrument):
     def before_io_wait(self, timeout: float) -> None:
         due, self._due = self._due, []
         for channel in due:
-            channel.write_nowait()
+            # An error here is a bug, not a peer's doing, and trio would disable an
+            # instrument that raises, for the whole process. The bytes stay pushed:
+            # settling the channel writes them, or raises the error in its connection,
+            # which logs it.
+            with contextlib.suppress(Exception):
+                channel.write_nowait()
 
 
 _OUTBOX: trio.lowlevel.RunVar[Outbox] = trio.lowlevel.RunVar("pipeproxy outbox")
@@ -91,7 +97,6 @@ class Channel:
         if not self._pending or self._socket is None:
             return
         data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
-        self._pending.clear()
         try:
             if (fd := self._socket.fileno()) < 0:
                 raise ConnectionResetError("the socket was closed")
@@ -99,10 +104,10 @@ class Channel:
         except BlockingIOError:
             sent = 0
         except OSError:  # EPIPE, ECONNRESET (Python ignores SIGPIPE), or closed here
+            self._pending.clear()
             self._closed = self._unreported = True
             return
-        if sent < len(data):
-            self._pending.append(data[sent:])
+        self._pending = [data[sent:]] if sent < len(data) else []
 
     async def settle(self, limit: float) -> bool | None:
         """Write everything pushed, within ``limit`` seconds for what the socket does not

@@ -63,16 +63,17 @@ async def receive(stream: trio.abc.Stream, max_bytes: int, due: Callable[[], boo
     if not isinstance(stream, trio.SocketStream):
         return await stream.receive_some(max_bytes)
     sock = stream.socket
-    if not due():
-        await trio.lowlevel.wait_readable(sock)
+    ready = due()
     while True:
-        if (fd := sock.fileno()) < 0:
+        if (fd := sock.fileno()) < 0:  # closed here (a failed write): before any wait on it
             raise trio.ClosedResourceError("the socket was closed")
-        try:
-            return os.read(fd, max_bytes)
-        except BlockingIOError:
-            pass
-        except OSError as error:
-            raise trio.BrokenResourceError(error) from error
+        if ready:
+            try:
+                return os.read(fd, max_bytes)
+            except BlockingIOError:
+                pass
+            except OSError as error:
+                raise trio.BrokenResourceError(error) from error
         await trio.lowlevel.wait_readable(sock)
+        ready = True
 
