@@ -155,3 +155,44 @@ async def test_a_client_without_tls_support_still_sends_in_clear_when_tls_is_opt
     await client.send(b"".join(envelope_lines("s@client.test", ["r@legacy.test"])) + b"hi\r\n.\r\n")
     assert [reply.code for reply in await client.replies(4)] == [250, 250, 354, 250]
     assert len(mta.messages) == 1
+
+
+class _HeaderFirst(trio.abc.Stream):
+    """A load balancer's side of a connection: its PROXY header, then the client's first
+    bytes (here the TLS ClientHello) in the same write, as one TCP segment."""
+
+    def __init__(self, inner: trio.SocketStream, header: bytes) -> None:
+        self.inner, self.header = inner, header
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        data, self.header = self.header + bytes(data), b""
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_implicit_tls_behind_a_proxy_header_keeps_the_client_hello_sent_with_it(nursery, ca, tls_files):
+    """The bytes read with the PROXY header are the start of the TLS handshake: they were
+    handed to the session as cleartext after a handshake that could not complete."""
+    mta = LegacyMTA()
+    _, implicit = await start_tls_proxy(nursery, mta, tls_files, proxy_protocol=True)
+    tcp = await trio.open_tcp_stream(*implicit)
+    header = b"PROXY TCP4 203.0.113.7 10.0.0.1 4242 465\r\n"
+    tls = trio.SSLStream(_HeaderFirst(tcp, header), client_context(ca), server_hostname="localhost")
+    with structlog.testing.capture_logs() as logs, trio.fail_after(10):
+        await tls.do_handshake()
+        greeting = b""
+        while not greeting.endswith(b"\r\n"):
+            greeting += await tls.receive_some()
+        await tls.send_all(b"QUIT\r\n")
+        assert (await tls.receive_some()).startswith(b"221")
+    assert greeting.startswith(b"220 "), greeting
+    [opened] = [line for line in logs if line["event"] == "session open"]
+    assert opened["client"] == "203.0.113.7:4242"

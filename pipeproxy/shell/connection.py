@@ -140,6 +140,9 @@ class Connection:
                 nursery.start_soon(self._watch_deadline)
                 info = None
                 if self._implicit_tls:
+                    if self._early:  # read with the PROXY header: the handshake's first bytes
+                        assert isinstance(self.client, trio.abc.HalfCloseableStream)
+                        self.client, self._early = streams.Prefixed(self.client, self._early), b""
                     outcome = await self._handshake()
                     if isinstance(outcome, str):
                         # Nothing was said and no upstream session opened: log it, close.

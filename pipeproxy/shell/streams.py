@@ -77,3 +77,32 @@ async def receive(stream: trio.abc.Stream, max_bytes: int, due: Callable[[], boo
         await trio.lowlevel.wait_readable(sock)
         ready = True
 
+
+
+class Prefixed(trio.abc.HalfCloseableStream):
+    """``transport_stream`` with ``prefix`` read first: bytes read ahead of their reader
+    (the start of a TLS handshake, read with the PROXY header before it) given back."""
+
+    def __init__(self, transport_stream: trio.abc.HalfCloseableStream, prefix: bytes) -> None:
+        self.transport_stream = transport_stream
+        self._prefix = prefix
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if not self._prefix:
+            return await self.transport_stream.receive_some(max_bytes)
+        await trio.lowlevel.checkpoint()
+        size = len(self._prefix) if max_bytes is None else max_bytes
+        data, self._prefix = self._prefix[:size], self._prefix[size:]
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.transport_stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.transport_stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.transport_stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self.transport_stream.aclose()
