@@ -225,6 +225,8 @@ class Connection:
     async def _after_event(self) -> None:
         """A reader's turn ends (the outbox writes what its event said, with what every
         other task said in the turn); then what was not written is, before it reads on."""
+        # A checkpoint resumes in the event loop's next batch: trio calls the outbox
+        # (before_io_wait) between the two.
         await trio.lowlevel.checkpoint()
         if self._to_client.settled and (self._to_upstream is None or self._to_upstream.settled):
             return

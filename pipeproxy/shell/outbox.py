@@ -15,7 +15,7 @@ that is not reading) and a write that failed (a peer that is gone) stay in the c
 until the connection settles it, under its lock and with the write's time limit: so a
 connection's actions still happen in order, and a peer that stops reading still holds
 back the connection that writes to it. Streams that are not plain sockets (TLS) are
-written by settling at once.
+written only when their connection settles them.
 """
 
 from __future__ import annotations
@@ -64,7 +64,10 @@ def current() -> Outbox:
 
 class Channel:
     """One stream's outgoing bytes: pushed now, written at the end of the turn or when
-    settled, always in the order pushed. After a failed write it writes nothing more."""
+    settled, always in the order pushed. After a failed write it writes nothing more.
+
+    Pushed to and settled only under its connection's lock, so no push comes while a
+    settle's ``send_all`` is under way; the outbox writes only between tasks' steps."""
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream

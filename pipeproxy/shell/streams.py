@@ -78,7 +78,6 @@ async def receive(stream: trio.abc.Stream, max_bytes: int, due: Callable[[], boo
         ready = True
 
 
-
 class Prefixed(trio.abc.HalfCloseableStream):
     """``transport_stream`` with ``prefix`` read first: bytes read ahead of their reader
     (the start of a TLS handshake, read with the PROXY header before it) given back."""
