@@ -30,6 +30,25 @@ LOCALHOST = "127.0.0.1"
 PIPEPROXY = [sys.executable, "-m", "pipeproxy"]
 
 
+class WrappedStream(trio.abc.Stream):
+    """``inner`` passed through: a test's misbehaving stream overrides what it changes."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
 class Peer:
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream

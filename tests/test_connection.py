@@ -19,7 +19,7 @@ from pipeproxy.core.events import Event, UpstreamConnected
 from pipeproxy.shell.connection import Connection
 from pipeproxy.shell.tls import ServerTls
 
-from peers import Peer, open_session, start_proxy, start_upstream
+from peers import Peer, WrappedStream, open_session, start_proxy, start_upstream
 from test_faults import greet_and_accept_envelope, greet_and_ehlo, reset
 
 
@@ -51,26 +51,14 @@ async def test_an_upstream_that_stops_reading_mid_message_cannot_hang_the_sessio
     assert rest.startswith(b"421 4.4.2"), rest
 
 
-class _StallThenReset(trio.abc.Stream):
+class _StallThenReset(WrappedStream):
     """pipeproxy's end of an upstream that stalls on the second RCPT for 2 s, then resets."""
-
-    def __init__(self, inner: trio.abc.Stream) -> None:
-        self.inner = inner
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if bytes(data).startswith(b"RCPT TO:<r2@"):
             await trio.sleep(2)
             raise trio.BrokenResourceError("reset")
         await self.inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self.inner.receive_some(max_bytes)
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 async def test_replies_already_given_go_out_before_the_421s_of_a_failure_that_follows(autojump_clock):

@@ -21,7 +21,7 @@ from pipeproxy.demo.client import envelope_lines
 from pipeproxy.demo.legacy_mta import LegacyMTA
 from pipeproxy.shell.server import serve
 
-from peers import LOCALHOST, Peer, start_legacy
+from peers import LOCALHOST, Peer, WrappedStream, start_legacy
 
 RECIPIENTS = [f"r{i}@legacy.test" for i in range(10)]
 
@@ -157,25 +157,17 @@ async def test_a_client_without_tls_support_still_sends_in_clear_when_tls_is_opt
     assert len(mta.messages) == 1
 
 
-class _HeaderFirst(trio.abc.Stream):
+class _HeaderFirst(WrappedStream):
     """A load balancer's side of a connection: its PROXY header, then the client's first
     bytes (here the TLS ClientHello) in the same write, as one TCP segment."""
 
     def __init__(self, inner: trio.SocketStream, header: bytes) -> None:
-        self.inner, self.header = inner, header
+        super().__init__(inner)
+        self.header = header
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         data, self.header = self.header + bytes(data), b""
         await self.inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self.inner.receive_some(max_bytes)
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 async def test_implicit_tls_behind_a_proxy_header_keeps_the_client_hello_sent_with_it(nursery, ca, tls_files):
