@@ -320,6 +320,7 @@ class Session:
         self.config = config
         self._clock = clock
         self._debug = config.log_level == "debug"
+        self._hash_key = config.log_hash_key.encode()  # for --log-addresses hash, once
         self._input = ClientInput(config.max_line_length)
         self._replies = ReplyReader(config.max_reply_size)
         self._mode = Mode.COMMAND
@@ -772,9 +773,7 @@ class Session:
         return self._show(mailbox(argument.decode("utf-8", "surrogateescape")))
 
     def _show(self, address: str) -> str:
-        if self.config.log_addresses == "full":  # the default, for every recipient: no key to encode
-            return address
-        return show_address(address, self.config.log_addresses, self.config.log_hash_key.encode())
+        return show_address(address, self.config.log_addresses, self._hash_key)
 
     def _then_content(self, pending: _Outstanding, upstream_reply: Reply) -> None:
         now = self._clock()
