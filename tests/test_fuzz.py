@@ -38,7 +38,7 @@ from pipeproxy.core.events import (
     UpstreamConnected,
     UpstreamData,
 )
-from pipeproxy.core.session import Relay, Session, transition
+from pipeproxy.core.session import NOT_RELAYED, Session, transition
 from pipeproxy.core.wire import ReplyReader
 
 from transcript import CLIENT, FakeClock
@@ -133,7 +133,7 @@ class ModelUpstream:
         self.in_body = code == 354 and self.exchange is core.DATA
         if self.exchange is core.EHLO:
             return None
-        return transition(self.exchange, code)[0] is not Relay.NOT_RELAYED
+        return transition(self.exchange, code)[0] is not NOT_RELAYED
 
     def followed_by_helo_or_xclient(self) -> bool:
         return self.awaiting_reply and self.exchange in (core.HELO, core.HELO_FALLBACK, core.XCLIENT)

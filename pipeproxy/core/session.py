@@ -28,7 +28,6 @@ closes: the client never sees a success the upstream did not give.
 
 from __future__ import annotations
 
-import enum
 import functools
 import re
 import traceback
@@ -174,13 +173,20 @@ VERBS = {
 }
 
 
-class Relay(enum.Enum):
+# Relay and Mode values are constants compared by identity, like exchanges, not enum
+# members: on Python 3.11 ``Enum.MEMBER`` goes through EnumType.__getattr__ and costs
+# several times a global's lookup, and the session asks its mode several times an event.
+@dataclass(frozen=True, slots=True, eq=False)
+class Relay:
     """What the client sees of an upstream reply."""
 
-    AS_IS = "as is"
-    EHLO_REWRITTEN = "EHLO reply rewritten"  # PIPELINING added, the unrelayable removed
-    HELO_AS_EHLO = "HELO reply as an EHLO reply"
-    NOT_RELAYED = "not relayed"
+    name: str
+
+
+AS_IS = Relay("as is")
+EHLO_REWRITTEN = Relay("EHLO reply rewritten")  # PIPELINING added, the unrelayable removed
+HELO_AS_EHLO = Relay("HELO reply as an EHLO reply")
+NOT_RELAYED = Relay("not relayed")
 
 
 # exchange -> rows of (reply code: exact, "2xx"-style class or "*"; relayed as; then).
@@ -193,64 +199,62 @@ class Relay(enum.Enum):
 # ends the channel whatever was asked (RFC 5321 §3.8): it is relayed and the session
 # closes, answering what is still waiting with 421; only during the silent replay after a
 # reconnect, which the client knows nothing of, is it a failed replay like any other.
-_ = Relay.AS_IS
 TRANSITIONS: dict[Exchange, tuple[tuple[str, Relay, str | None], ...]] = {
-    GREETING: (("*", _, "greeting"),),
+    GREETING: (("*", AS_IS, "greeting"),),
     EHLO: (
-        ("2xx+STARTTLS", Relay.NOT_RELAYED, "upstream_starttls"),  # the client sees the EHLO inside TLS
-        ("2xx-STARTTLS", Relay.NOT_RELAYED, "upstream_tls_missing"),
-        ("2xx+XCLIENT", Relay.NOT_RELAYED, "xclient"),  # the client sees the EHLO after it
-        ("2xx", Relay.EHLO_REWRITTEN, "greeted"),
-        ("500", Relay.NOT_RELAYED, "helo_fallback"),  # no ESMTP upstream (RFC 5321 §4.1.4)
-        ("502", Relay.NOT_RELAYED, "helo_fallback"),
-        ("*", _, None),
+        ("2xx+STARTTLS", NOT_RELAYED, "upstream_starttls"),  # the client sees the EHLO inside TLS
+        ("2xx-STARTTLS", NOT_RELAYED, "upstream_tls_missing"),
+        ("2xx+XCLIENT", NOT_RELAYED, "xclient"),  # the client sees the EHLO after it
+        ("2xx", EHLO_REWRITTEN, "greeted"),
+        ("500", NOT_RELAYED, "helo_fallback"),  # no ESMTP upstream (RFC 5321 §4.1.4)
+        ("502", NOT_RELAYED, "helo_fallback"),
+        ("*", AS_IS, None),
     ),
-    HELO: (("2xx", _, "greeted"), ("*", _, None)),
-    HELO_FALLBACK: (("2xx", Relay.HELO_AS_EHLO, "greeted"), ("*", _, None)),
+    HELO: (("2xx", AS_IS, "greeted"), ("*", AS_IS, None)),
+    HELO_FALLBACK: (("2xx", HELO_AS_EHLO, "greeted"), ("*", AS_IS, None)),
     HELO_PROBE: (
-        ("2xx+STARTTLS", Relay.NOT_RELAYED, "upstream_starttls"),
-        ("2xx-STARTTLS", Relay.NOT_RELAYED, "upstream_tls_missing"),
-        ("2xx+XCLIENT", Relay.NOT_RELAYED, "xclient"),
-        ("*", Relay.NOT_RELAYED, "helo_after_probe"),
+        ("2xx+STARTTLS", NOT_RELAYED, "upstream_starttls"),
+        ("2xx-STARTTLS", NOT_RELAYED, "upstream_tls_missing"),
+        ("2xx+XCLIENT", NOT_RELAYED, "xclient"),
+        ("*", NOT_RELAYED, "helo_after_probe"),
     ),
     UPSTREAM_STARTTLS: (
-        ("220", Relay.NOT_RELAYED, "upstream_tls"),
-        ("*", Relay.NOT_RELAYED, "upstream_starttls_refused"),
+        ("220", NOT_RELAYED, "upstream_tls"),
+        ("*", NOT_RELAYED, "upstream_starttls_refused"),
     ),
-    UPSTREAM_TLS: (("*", Relay.NOT_RELAYED, "reply_during_tls"),),  # nothing is read during the handshake
-    CLEAR_GREETING: (("2xx", Relay.NOT_RELAYED, "hello_again"), ("*", Relay.NOT_RELAYED, "clear_greeting_failed")),
+    UPSTREAM_TLS: (("*", NOT_RELAYED, "reply_during_tls"),),  # nothing is read during the handshake
+    CLEAR_GREETING: (("2xx", NOT_RELAYED, "hello_again"), ("*", NOT_RELAYED, "clear_greeting_failed")),
     # Postfix answers a good XCLIENT with a new 220; older ones, and smtp-sink, with 250.
-    XCLIENT: (("2xx", Relay.NOT_RELAYED, "xclient_accepted"), ("*", Relay.NOT_RELAYED, "xclient_refused")),
-    XFORWARD: (("2xx", Relay.NOT_RELAYED, "mail_after_xforward"), ("*", Relay.NOT_RELAYED, "xforward_refused")),
-    AUTH: (("334", _, "sasl"), ("2xx", _, "authenticated"), ("*", _, "auth_over")),
-    SASL: (("334", _, "sasl"), ("2xx", _, "authenticated"), ("*", _, "auth_over")),
-    MAIL: (("2xx", _, None), ("*", _, "mail_refused")),
-    RCPT: (("*", _, "rcpt_answered"),),
-    RSET: (("*", _, None),),
-    LEGACY_FROM: (("*", _, None),),
-    DATA: (("354", _, "content"), ("*", _, "data_refused")),
-    END_OF_DATA: (("2xx", _, "delivered"), ("*", _, "not_delivered")),
-    QUIT: (("*", _, "quit"),),
-    OTHER: (("*", _, None),),
-    REPLAY_GREETING: (("2xx", Relay.NOT_RELAYED, "replay_hello"), ("*", Relay.NOT_RELAYED, "replay_failed")),
+    XCLIENT: (("2xx", NOT_RELAYED, "xclient_accepted"), ("*", NOT_RELAYED, "xclient_refused")),
+    XFORWARD: (("2xx", NOT_RELAYED, "mail_after_xforward"), ("*", NOT_RELAYED, "xforward_refused")),
+    AUTH: (("334", AS_IS, "sasl"), ("2xx", AS_IS, "authenticated"), ("*", AS_IS, "auth_over")),
+    SASL: (("334", AS_IS, "sasl"), ("2xx", AS_IS, "authenticated"), ("*", AS_IS, "auth_over")),
+    MAIL: (("2xx", AS_IS, None), ("*", AS_IS, "mail_refused")),
+    RCPT: (("*", AS_IS, "rcpt_answered"),),
+    RSET: (("*", AS_IS, None),),
+    LEGACY_FROM: (("*", AS_IS, None),),
+    DATA: (("354", AS_IS, "content"), ("*", AS_IS, "data_refused")),
+    END_OF_DATA: (("2xx", AS_IS, "delivered"), ("*", AS_IS, "not_delivered")),
+    QUIT: (("*", AS_IS, "quit"),),
+    OTHER: (("*", AS_IS, None),),
+    REPLAY_GREETING: (("2xx", NOT_RELAYED, "replay_hello"), ("*", NOT_RELAYED, "replay_failed")),
     REPLAY_EHLO: (
-        ("2xx+STARTTLS", Relay.NOT_RELAYED, "upstream_starttls"),
-        ("2xx-STARTTLS", Relay.NOT_RELAYED, "upstream_tls_missing"),
-        ("2xx+XCLIENT", Relay.NOT_RELAYED, "replay_xclient"),
-        ("2xx", Relay.NOT_RELAYED, "replay_ehlo_done"),
-        ("500", Relay.NOT_RELAYED, "replay_helo"),
-        ("502", Relay.NOT_RELAYED, "replay_helo"),
-        ("*", Relay.NOT_RELAYED, "replay_failed"),
+        ("2xx+STARTTLS", NOT_RELAYED, "upstream_starttls"),
+        ("2xx-STARTTLS", NOT_RELAYED, "upstream_tls_missing"),
+        ("2xx+XCLIENT", NOT_RELAYED, "replay_xclient"),
+        ("2xx", NOT_RELAYED, "replay_ehlo_done"),
+        ("500", NOT_RELAYED, "replay_helo"),
+        ("502", NOT_RELAYED, "replay_helo"),
+        ("*", NOT_RELAYED, "replay_failed"),
     ),
-    REPLAY_HELO: (("2xx", Relay.NOT_RELAYED, "replayed"), ("*", Relay.NOT_RELAYED, "replay_failed")),
-    REPLAY_XCLIENT: (("2xx", Relay.NOT_RELAYED, "replay_hello"), ("*", Relay.NOT_RELAYED, "xclient_refused")),
+    REPLAY_HELO: (("2xx", NOT_RELAYED, "replayed"), ("*", NOT_RELAYED, "replay_failed")),
+    REPLAY_XCLIENT: (("2xx", NOT_RELAYED, "replay_hello"), ("*", NOT_RELAYED, "xclient_refused")),
     REPLAY_STARTTLS: (
-        ("220", Relay.NOT_RELAYED, "upstream_tls"),
-        ("*", Relay.NOT_RELAYED, "upstream_starttls_refused"),
+        ("220", NOT_RELAYED, "upstream_tls"),
+        ("*", NOT_RELAYED, "upstream_starttls_refused"),
     ),
-    REPLAY_UPSTREAM_TLS: (("*", Relay.NOT_RELAYED, "reply_during_tls"),),
+    REPLAY_UPSTREAM_TLS: (("*", NOT_RELAYED, "reply_during_tls"),),
 }
-del _
 
 
 @functools.lru_cache(maxsize=1024)  # a few exchanges and codes: looked up once each
@@ -264,7 +268,7 @@ def transition(
     "-" one without it while TLS is required; "" otherwise.
     """
     if code == 421 and exchange not in REPLAY:
-        return Relay.AS_IS, "upstream_closing"
+        return AS_IS, "upstream_closing"
     text, klass = str(code), f"{code // 100}xx"
     patterns = (
         text,
@@ -283,14 +287,18 @@ def transition(
 _SIZE_PARAMETER = re.compile(r"\sSIZE=(\d+)", re.IGNORECASE | re.ASCII)
 
 
-class Mode(enum.Enum):
+@dataclass(frozen=True, slots=True, eq=False)
+class Mode:
     """Which reader takes the next client bytes."""
 
-    COMMAND = "command"  # the next client line is an SMTP command
-    SASL = "sasl"  # the next client line answers an AUTH 334 challenge
-    CONTENT = "content"  # client input is message content
-    TLS_HANDSHAKE = "TLS handshake"  # after STARTTLS: nothing is read until TLS is up
-    CLOSED = "closed"
+    name: str
+
+
+READING_COMMANDS = Mode("commands")  # the next client line is an SMTP command
+READING_SASL = Mode("SASL response")  # the next client line answers an AUTH 334 challenge
+READING_CONTENT = Mode("content")  # client input is message content
+IN_TLS_HANDSHAKE = Mode("TLS handshake")  # after STARTTLS: nothing is read until TLS is up
+CLOSED = Mode("closed")
 
 
 @dataclass(slots=True)
@@ -323,7 +331,7 @@ class Session:
         self._hash_key = config.log_hash_key.encode()  # for --log-addresses hash, once
         self._input = ClientInput(config.max_line_length)
         self._replies = ReplyReader(config.max_reply_size)
-        self._mode = Mode.COMMAND
+        self._mode = READING_COMMANDS
         self._message: _Message | None = None
         self._actions: list[Action] = []
         self._held: list[Reply] = []  # replies not yet sent to the client
@@ -371,14 +379,14 @@ class Session:
         return actions
 
     def _handle(self, event: Event) -> None:
-        if self._mode is Mode.CLOSED:
+        if self._mode is CLOSED:
             return
         match event:
             # The two events of nearly every call first: a match tries its cases in order.
             case UpstreamData(data) if self._upstream != "none" and not self._in_upstream_handshake():
                 self._replies.feed(data)
                 self._advance()
-            case ClientData() if self._mode is Mode.TLS_HANDSHAKE:
+            case ClientData() if self._mode is IN_TLS_HANDSHAKE:
                 pass  # the shell reads nothing now; cleartext here would be an injection
             case ClientData(data):
                 greeted = self._outstanding is None or self._outstanding.exchange is not GREETING
@@ -420,7 +428,7 @@ class Session:
                 self._close(reason)
             case TlsEstablished(info):
                 self._tls_up(info)
-                self._mode = Mode.COMMAND
+                self._mode = READING_COMMANDS
                 self._advance()
             case UpstreamTlsEstablished(info):
                 self._upstream_tls_established(info)
@@ -457,9 +465,9 @@ class Session:
         # must not happen: only its log lines and replies already due stay.
         self._actions = [action for action in self._actions if isinstance(action, Log | ToClient)]
         self._emit(Log("error", L.INTERNAL_ERROR.name, {"exception": trace}))
-        if self._mode is Mode.CLOSED:
+        if self._mode is CLOSED:
             return
-        self._mode = Mode.CLOSED
+        self._mode = CLOSED
         if not self._client_lost:
             self._emit(ToClient((*self._held, INTERNAL_ERROR)))
         self._held.clear()
@@ -471,7 +479,7 @@ class Session:
     def deadline(self) -> float:
         """When a ``Tick`` is due, on the session's clock."""
         deadline = self._deadline()
-        if self._held and self._mode is not Mode.CLOSED:
+        if self._held and self._mode is not CLOSED:
             deadline = min(deadline, self._held_since + self.config.hold_time)
         return deadline
 
@@ -500,7 +508,7 @@ class Session:
 
     def client_room(self) -> int:
         """How many more client bytes may be held; at 0 the shell stops reading."""
-        if self._mode is Mode.CLOSED:
+        if self._mode is CLOSED:
             return 0
         # Never less than the longest legal line: with no room and no line end, nothing
         # could move (a 4 kB AUTH line under a 4 kB bound would stall the session).
@@ -511,7 +519,7 @@ class Session:
 
     def _advance(self) -> None:
         """Run as far as the input allows, one upstream exchange at a time."""
-        while self._mode is not Mode.CLOSED:
+        while self._mode is not CLOSED:
             try:
                 upstream_reply = self._replies.next_reply()
             except UpstreamError as error:
@@ -526,18 +534,18 @@ class Session:
                 continue
             if self._outstanding is not None:
                 return
-            if self._mode is Mode.CONTENT:
+            if self._mode is READING_CONTENT:
                 self._read_content()
-                if self._mode is Mode.CONTENT:
+                if self._mode is READING_CONTENT:
                     return
                 continue
-            if self._mode is Mode.TLS_HANDSHAKE:
+            if self._mode is IN_TLS_HANDSHAKE:
                 return
-            if self._draining and self._transaction is None and self._mode is Mode.COMMAND:
+            if self._draining and self._transaction is None and self._mode is READING_COMMANDS:
                 self._fail(SHUTTING_DOWN, "pipeproxy draining", in_flight=False, clean=True, owed=SHUTTING_DOWN)
                 return
             try:
-                line = self._input.next_line(sasl=self._mode is Mode.SASL)
+                line = self._input.next_line(sasl=self._mode is READING_SASL)
             except ClientError as error:
                 self.commands += 1
                 self._refuse("", error.reply, error.reason)
@@ -558,7 +566,7 @@ class Session:
             self._on_line(line)
 
     def _on_line(self, line: bytes) -> None:
-        if self._mode is Mode.SASL:
+        if self._mode is READING_SASL:
             # A SASL response, not a command: relayed, never logged (RFC 4954 §4).
             self._transcript("client", line="[SASL response]")
             self._send(SASL, b"", line)
@@ -628,7 +636,7 @@ class Session:
         # clear is never read as commands inside TLS (CVE-2011-0411).
         if octets := self._input.discard():
             self._log(L.PLAINTEXT_AFTER_STARTTLS, octets=octets)
-        self._mode = Mode.TLS_HANDSHAKE
+        self._mode = IN_TLS_HANDSHAKE
         self._hello, self._hello_needed = None, True
         self._groups += 1
         self._emit(StartTls(READY_FOR_TLS))
@@ -722,13 +730,13 @@ class Session:
             starttls = self._starttls_due(upstream_reply)
             xclient_due = not starttls and self._learn_extensions(upstream_reply)
         relay, then = transition(exchange, upstream_reply.code, xclient_due, starttls)
-        if relay is Relay.EHLO_REWRITTEN:
+        if relay is EHLO_REWRITTEN:
             discard, added = self._ehlo_policy()
             upstream_reply, removed = rewrite_ehlo(upstream_reply, discard, self.config.max_message_size, added)
             self._log(L.EHLO_REWRITTEN, removed=list(removed))
-        elif relay is Relay.HELO_AS_EHLO:
+        elif relay is HELO_AS_EHLO:
             upstream_reply = ehlo_from_helo(upstream_reply, self.config.max_message_size, self._ehlo_policy()[1])
-        if relay is not Relay.NOT_RELAYED:
+        if relay is not NOT_RELAYED:
             # A 421 is held: the 421s for what is still waiting join it in one write.
             self._answer(upstream_reply, groupable=exchange.groupable or then == "upstream_closing")
         if then is not None:
@@ -753,14 +761,14 @@ class Session:
         self._send(HELO_FALLBACK, pending.argument, _hello_line(b"HELO", pending.argument))
 
     def _then_sasl(self, pending: _Outstanding, upstream_reply: Reply) -> None:
-        self._mode = Mode.SASL
+        self._mode = READING_SASL
 
     def _then_authenticated(self, pending: _Outstanding, upstream_reply: Reply) -> None:
         self._authenticated = True
-        self._mode = Mode.COMMAND
+        self._mode = READING_COMMANDS
 
     def _then_auth_over(self, pending: _Outstanding, upstream_reply: Reply) -> None:
-        self._mode = Mode.COMMAND
+        self._mode = READING_COMMANDS
 
     def _then_mail_refused(self, pending: _Outstanding, upstream_reply: Reply) -> None:
         self._end_transaction(upstream_reply, "MAIL refused")
@@ -779,7 +787,7 @@ class Session:
         now = self._clock()
         reject = self.config.bare_line_endings is BareLineEndings.REJECT
         self._message = _Message(Unstuffer(), Stuffer(reject_bare=reject), started=now, last_data=now)
-        self._mode = Mode.CONTENT
+        self._mode = READING_CONTENT
 
     def _then_data_refused(self, pending: _Outstanding, upstream_reply: Reply) -> None:
         self._end_transaction(upstream_reply, "DATA refused")
@@ -937,7 +945,7 @@ class Session:
         replay = pending.exchange is REPLAY_UPSTREAM_TLS
         self._drop_upstream()
         self._no_upstream_tls(f"TLS handshake failed: {reason}", replay)
-        if self._mode is not Mode.CLOSED:  # may: a new connection, in clear
+        if self._mode is not CLOSED:  # may: a new connection, in clear
             self._connect_upstream(REPLAY_GREETING if replay else CLEAR_GREETING)
         self._advance()
 
@@ -958,7 +966,7 @@ class Session:
     def _then_upstream_starttls_refused(self, pending: _Outstanding, upstream_reply: Reply) -> None:
         replay = pending.exchange in REPLAY
         self._no_upstream_tls(f"STARTTLS refused ({upstream_reply.code} {upstream_reply.text})", replay)
-        if self._mode is not Mode.CLOSED:  # may: the same connection goes on in clear
+        if self._mode is not CLOSED:  # may: the same connection goes on in clear
             self._replay_hello() if replay else self._hello_again()
 
     def _then_clear_greeting_failed(self, pending: _Outstanding, upstream_reply: Reply) -> None:
@@ -1003,7 +1011,7 @@ class Session:
                 self._fail(NOT_COMPLETED, "client closed the connection before the end of the message")
             return
         self._message = None
-        self._mode = Mode.COMMAND
+        self._mode = READING_COMMANDS
         if self._transaction is not None:
             message.headers.finish()
             self._transaction.size = message.unstuffer.size
@@ -1113,7 +1121,7 @@ class Session:
         if in_flight is None:
             in_flight = self._outstanding is None or self._outstanding.exchange not in REPLAY
         # Mid-message the input is content (an undecided tail of it), not commands.
-        lines = 0 if self._mode is Mode.CONTENT else self._input.count_lines()
+        lines = 0 if self._mode is READING_CONTENT else self._input.count_lines()
         if notice is not None:
             self._transcript("to client", code=notice.code, text=notice.text)
             self._hold(notice)
@@ -1127,7 +1135,7 @@ class Session:
     def _close(self, reason: str, clean: bool = False) -> None:
         if not self._client_lost:
             self._flush()
-        self._mode = Mode.CLOSED
+        self._mode = CLOSED
         self._emit_closed(reason, clean)
 
     def _emit_closed(self, reason: str, clean: bool) -> None:
