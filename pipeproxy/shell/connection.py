@@ -187,21 +187,34 @@ class Connection:
         connection or client stream it came from, dropped if that has been replaced.
         What the actions write goes at the end of the turn; ``now``: settled before this
         returns (a reader settles after its turn instead: ``_after_event``)."""
-        # Uncontended (nearly always), the lock is taken with no schedule point; held
-        # or with waiters, this call queues behind them (FIFO).
-        try:
-            self._lock.acquire_nowait()
-        except trio.WouldBlock:
-            await self._lock.acquire()
-        try:
-            if (epoch is None or epoch == self._upstream_epoch) and (
-                client_epoch is None or client_epoch == self._client_epoch
-            ):
-                await self._perform(self._handle(event))
-            if now:
-                await self._settle_and_report()
-        finally:
-            self._lock.release()
+        current = (epoch is None or epoch == self._upstream_epoch) and (
+            client_epoch is None or client_epoch == self._client_epoch
+        )
+        if not self._lock.locked() and not now:
+            # Nearly always: nobody's actions are under way, and these are writes pushed
+            # to channels and log lines, carried out with no schedule point, so nothing
+            # can come between the Session call and them; the lock is taken (1.3 µs in
+            # trio, a fifth of an event's cost) only from the first action that awaits.
+            actions = self._handle(event) if current else []
+            if rest := actions[self._perform_at_once(actions) :]:
+                self._lock.acquire_nowait()
+                try:
+                    await self._perform(rest)
+                finally:
+                    self._lock.release()
+        else:
+            # Held or with waiters, this call queues behind them (FIFO).
+            try:
+                self._lock.acquire_nowait()
+            except trio.WouldBlock:
+                await self._lock.acquire()
+            try:
+                if current:
+                    await self._perform(self._handle(event))
+                if now:
+                    await self._settle_and_report()
+            finally:
+                self._lock.release()
         # Only a deadline that comes earlier needs the watchdog woken; one that moves
         # later (every command sent does) is found when the watchdog wakes and looks.
         if (deadline := self.session.deadline) < self._watch.deadline:
@@ -315,17 +328,7 @@ class Connection:
         in the list (a Close) is never skipped."""
         outcomes: list[Event] = []
         for action in actions:
-            if isinstance(action, ToClient):
-                if not self._client_lost:
-                    self._to_client.push(action.data)
-                continue
-            if isinstance(action, ToUpstream):
-                if self._to_upstream is not None:
-                    self._to_upstream.push(action.data)
-                continue
-            if isinstance(action, Log):
-                getattr(self.log, action.level)(action.event, **action.fields)
-                metrics.observe(action)
+            if self._perform_at_once((action,)):
                 continue
             # Anything else acts on what was said before it: that is written first.
             outcomes += await self._settle()
@@ -345,6 +348,23 @@ class Connection:
                 self._closed.set()
         for outcome in outcomes:  # no-ops once the Session has closed
             await self._perform(self._handle(outcome))
+
+    def _perform_at_once(self, actions: list[Action] | tuple[Action]) -> int:
+        """Carry out the writes and log lines that start ``actions`` (none of them awaits);
+        how many that was: the next one is for ``_perform``."""
+        for done, action in enumerate(actions):
+            if isinstance(action, ToClient):
+                if not self._client_lost:
+                    self._to_client.push(action.data)
+            elif isinstance(action, ToUpstream):
+                if self._to_upstream is not None:
+                    self._to_upstream.push(action.data)
+            elif isinstance(action, Log):
+                getattr(self.log, action.level)(action.event, **action.fields)
+                metrics.observe(action)
+            else:
+                return done
+        return len(actions)
 
     async def _start_tls(self, ready: Reply) -> Event:
         """STARTTLS: stop reading in clear, say ``ready`` in clear, then the handshake."""
