@@ -362,7 +362,7 @@ class Session:
         self._upstream_tls_given_up = False
         self._hello_needed = False  # after STARTTLS the client must greet again (RFC 3207 §4.2)
         self._client_wait_since: float | None = None
-        self._started = clock()
+        self._started = self._now = clock()
         self._outstanding: _Outstanding | None = None
         self.commands = 0  # command lines received from the client
         self.messages = 0  # messages the upstream accepted
@@ -371,6 +371,7 @@ class Session:
 
     def handle(self, event: Event) -> list[Action]:
         """Take one event; return the actions to carry out, in order."""
+        self._now = self._clock()  # the time of the event: one read of the clock
         try:
             self._handle(event)
         except Exception:
@@ -394,7 +395,7 @@ class Session:
                     return
                 self._input.feed(data)
                 if self._message is not None:
-                    self._message.last_data = self._clock()
+                    self._message.last_data = self._now
                 self._advance()
             case UpstreamConnected():
                 self._upstream = "open"  # the greeting is awaited already
@@ -555,7 +556,7 @@ class Session:
                 if self._client_eof:
                     self._close("client closed the connection", clean=True)
                 elif self._client_wait_since is None:
-                    self._client_wait_since = self._clock()
+                    self._client_wait_since = self._now
                 return
             self._client_wait_since = None
             if self._replies.pending():
@@ -703,7 +704,7 @@ class Session:
         self._emit(ToUpstream(line + CRLF))
 
     def _expect(self, exchange: Exchange, argument: bytes = b"", verb: str = "") -> None:
-        now = self._clock()
+        now = self._now
         timeout: float = getattr(self.config.timeouts, exchange.timeout)
         self._outstanding = _Outstanding(exchange, verb or exchange.name, argument, now, now + timeout)
 
@@ -714,7 +715,7 @@ class Session:
         exchange = pending.exchange
         if self.config.transcript:  # not even the text built otherwise
             self._transcript("upstream", code=upstream_reply.code, text=upstream_reply.text)
-        waited = self._clock() - pending.sent_at
+        waited = self._now - pending.sent_at
         if self._transaction is not None:
             self._transaction.upstream_wait += waited
         if self._debug and not exchange.proxy:
@@ -784,7 +785,7 @@ class Session:
         return show_address(address, self.config.log_addresses, self._hash_key)
 
     def _then_content(self, pending: _Outstanding, upstream_reply: Reply) -> None:
-        now = self._clock()
+        now = self._now
         reject = self.config.bare_line_endings is BareLineEndings.REJECT
         self._message = _Message(Unstuffer(), Stuffer(reject_bare=reject), started=now, last_data=now)
         self._mode = READING_CONTENT
@@ -1063,7 +1064,7 @@ class Session:
     # -- deadlines ---------------------------------------------------------------------
 
     def _tick(self) -> None:
-        now = self._clock()
+        now = self._now
         if self._held and now >= self._held_since + self.config.hold_time:
             self._flush()
         if now < self._deadline():
@@ -1083,7 +1084,7 @@ class Session:
 
     def _hold(self, answer: Reply) -> None:
         if not self._held:
-            self._held_since = self._clock()
+            self._held_since = self._now
         self._held.append(answer)
 
     def _answer(self, answer: Reply, groupable: bool) -> None:
@@ -1145,7 +1146,7 @@ class Session:
                 L.SESSION_CLOSED.name,
                 {
                     "reason": reason,
-                    "duration": round(self._clock() - self._started, 6),
+                    "duration": round(self._now - self._started, 6),
                     "commands": self.commands,
                     "messages": self.messages,
                 },
