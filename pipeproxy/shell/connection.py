@@ -6,18 +6,19 @@ Session call until its actions (and the events they lead to: a failed write, a c
 are done, so actions happen in the order the Session produced them, never overtaken by
 a later call's. A reader that waits for the lock or for its actions reads nothing
 meanwhile: that is the backpressure. The client reader also parks while the Session
-can hold no more input. A third task sleeps until the Session's deadline (on trio's
-clock) and sends ``Tick``.
+can hold no more input. A third task, the watchdog, sleeps until the Session's deadline
+(on trio's clock) and sends ``Tick``, or until a channel needs settling.
 
 What the Session says to write is pushed to the side's ``Channel`` (``outbox.py``),
 each group of replies one piece, and written at the end of the event loop's turn with
-every other session's writes. A reader settles its connection's channels after that
-turn, before it reads again (``_after_event``): what the socket did not take is written
-then, and a failed write becomes an event; other tasks settle at once, and anything
-but a write waits until what was said before it is written. Every settling has a time
-limit, so no peer can hold the lock for ever: a client that stops reading is gone after
-``client_idle``, an upstream that stops reading fails after ``data_block``. Reads on
-plain sockets go through ``streams``' fast path: one task switch a side per round trip.
+every other session's writes. What a socket did not take then, and a write that failed,
+wake the watchdog, which settles the channels under the lock: it writes the rest and
+turns a failure into an event, while the readers' events wait for the lock. Other
+tasks settle at once, and anything but a write waits until what was said before it is
+written. Every settling has a time limit, so no peer can hold the lock for ever: a
+client that stops reading is gone after ``client_idle``, an upstream that stops reading
+fails after ``data_block``. Reads on plain sockets go through ``streams``' fast path:
+one task switch a side per round trip.
 
 The Session decides when to connect to the upstream (``ConnectUpstream``) and when to
 drop a connection (``DropUpstream``); what a dropped connection still delivers is never
@@ -110,7 +111,7 @@ class Connection:
         self._early = early
         self.upstream: trio.abc.Stream | None = None
         # What is written to each side: at the end of the event loop's turn (outbox.py).
-        self._to_client = Channel(client)
+        self._to_client = Channel(client, self._settle_soon)
         self._to_upstream: Channel | None = None
         # Bumped the moment the Session drops an upstream connection: a reader of an
         # older one reports nothing more.
@@ -186,7 +187,7 @@ class Connection:
         event's actions and before any later; ``epoch``/``client_epoch``: the upstream
         connection or client stream it came from, dropped if that has been replaced.
         What the actions write goes at the end of the turn; ``now``: settled before this
-        returns (a reader settles after its turn instead: ``_after_event``)."""
+        returns (a reader's writes are settled by the watchdog, when they need it)."""
         current = (epoch is None or epoch == self._upstream_epoch) and (
             client_epoch is None or client_epoch == self._client_epoch
         )
@@ -235,16 +236,12 @@ class Connection:
         self._reader_done = trio.Event()
         self._nursery.start_soon(self._read_client, self.client, self._client_epoch, self._reader_done)
 
-    async def _after_event(self) -> None:
-        """A reader's turn ends (the outbox writes what its event said, with what every
-        other task said in the turn); then what was not written is, before it reads on."""
-        # A checkpoint resumes in the event loop's next batch: trio calls the outbox
-        # (before_io_wait) between the two.
-        await trio.lowlevel.checkpoint()
-        if self._to_client.settled and (self._to_upstream is None or self._to_upstream.settled):
-            return
-        async with self._lock:
-            await self._settle_and_report()
+    def _settled(self) -> bool:
+        return self._to_client.settled and (self._to_upstream is None or self._to_upstream.settled)
+
+    def _settle_soon(self) -> None:
+        """A channel needs settling: the watchdog does it in the next turn."""
+        self._watch.cancel()
 
     async def _settle_and_report(self) -> None:
         """Under the lock: write what is pending; hand failed writes to the Session."""
@@ -297,7 +294,6 @@ class Connection:
                     if epoch != self._client_epoch:
                         return  # STARTTLS came meanwhile: the stream is TLS's now
                     await self._event(ClientData(data) if data else ClientClosed(), client_epoch=epoch)
-                    await self._after_event()
                     if not data:
                         return
             finally:
@@ -311,14 +307,19 @@ class Connection:
                 await self._event(UpstreamFailed("upstream connection reset"), epoch, now=True)
                 return
             await self._event(UpstreamData(data) if data else UpstreamClosed(), epoch)
-            await self._after_event()
             if not data or epoch != self._upstream_epoch:
                 return
 
     async def _watch_deadline(self) -> None:
+        """Sends ``Tick`` when the Session's deadline passes, and settles the channels
+        when one asks (``_settle_soon`` cancels the sleep)."""
         while True:
             with trio.CancelScope(deadline=self.session.deadline) as self._watch:
-                await trio.sleep_forever()
+                if self._settled():  # a request that came while it was busy is seen here
+                    await trio.sleep_forever()
+            if not self._settled():
+                async with self._lock:
+                    await self._settle_and_report()
             if trio.current_time() >= self.session.deadline:
                 await self._event(Tick(), now=True)
 
@@ -393,7 +394,7 @@ class Connection:
                 cause = error.__cause__
                 return str(cause) if cause else "the client closed the connection"
             self.client = stream
-            self._to_client = Channel(stream)
+            self._to_client = Channel(stream, self._settle_soon)
             cipher = stream.cipher()
             return TlsInfo(str(stream.version()), cipher[0] if cipher else "", getattr(stream, "sni", None))
         return "the client did not finish the handshake in time"
@@ -439,7 +440,7 @@ class Connection:
         read by a reader of its own."""
         assert self._nursery is not None
         self.upstream = stream
-        self._to_upstream = Channel(stream)
+        self._to_upstream = Channel(stream, self._settle_soon)
         self._nursery.start_soon(self._read_upstream, stream, self._upstream_epoch)
 
     async def _drop_upstream(self) -> None:

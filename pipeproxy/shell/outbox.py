@@ -14,14 +14,17 @@ takes at once (never a checkpoint, never blocking). What a socket did not take (
 that is not reading) and a write that failed (a peer that is gone) stay in the channel
 until the connection settles it, under its lock and with the write's time limit: so a
 connection's actions still happen in order, and a peer that stops reading still holds
-back the connection that writes to it. Streams that are not plain sockets (TLS) are
-written only when their connection settles them.
+back the connection that writes to it. The channel's ``unsettled`` callback asks its
+connection for that: called in the next turn for a channel the end of a turn left
+unsettled, which is rare, and at once on the first push to a stream that is not a plain
+socket (TLS), which only settling writes. The readers never pay for asking.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 
 import trio
 
@@ -33,12 +36,14 @@ class Outbox(trio.abc.Instrument):
 
     def __init__(self) -> None:
         self._due: list[Channel] = []
+        self._token = trio.lowlevel.current_trio_token()
 
     def add(self, channel: Channel) -> None:
         self._due.append(channel)
 
     def before_io_wait(self, timeout: float) -> None:
         due, self._due = self._due, []
+        unsettled = []
         for channel in due:
             # An error here is a bug, not a peer's doing, and trio would disable an
             # instrument that raises, for the whole process. The bytes stay pushed:
@@ -46,6 +51,20 @@ class Outbox(trio.abc.Instrument):
             # which logs it.
             with contextlib.suppress(Exception):
                 channel.write_nowait()
+            if not channel.settled:
+                unsettled.append(channel)
+        if unsettled:
+            # Not from here: trio has worked out how long to wait for I/O already, and
+            # would wait that long before running the task the callback wakes.
+            # run_sync_soon ends the wait at once.
+            self._token.run_sync_soon(_ask_to_settle, unsettled)
+
+
+def _ask_to_settle(channels: list[Channel]) -> None:
+    for channel in channels:
+        # An exception from a run_sync_soon callback would crash the whole trio run.
+        with contextlib.suppress(Exception):
+            channel.unsettled()
 
 
 _OUTBOX: trio.lowlevel.RunVar[Outbox] = trio.lowlevel.RunVar("pipeproxy outbox")
@@ -67,10 +86,12 @@ class Channel:
     settled, always in the order pushed. After a failed write it writes nothing more.
 
     Pushed to and settled only under its connection's lock, so no push comes while a
-    settle's ``send_all`` is under way; the outbox writes only between tasks' steps."""
+    settle's ``send_all`` is under way; the outbox writes only between tasks' steps.
+    ``unsettled``: called when the channel needs its connection to settle it (above)."""
 
-    def __init__(self, stream: trio.abc.Stream) -> None:
+    def __init__(self, stream: trio.abc.Stream, unsettled: Callable[[], None]) -> None:
         self.stream = stream
+        self.unsettled = unsettled
         self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
         self._outbox = current() if self._socket is not None else None
         self._pending: list[bytes] = []
@@ -91,8 +112,11 @@ class Channel:
     def push(self, data: bytes) -> None:
         if not data or self._closed:
             return
-        if not self._pending and self._outbox is not None:
-            self._outbox.add(self)
+        if not self._pending:
+            if self._outbox is not None:
+                self._outbox.add(self)
+            else:
+                self.unsettled()
         self._pending.append(data)
 
     def write_nowait(self) -> None:

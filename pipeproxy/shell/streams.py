@@ -51,19 +51,22 @@ def local_address(stream: trio.abc.Stream | trio.abc.Listener[trio.abc.Stream]) 
 
 
 async def receive(stream: trio.abc.Stream, max_bytes: int, due: Callable[[], bool]) -> bytes | bytearray:
-    """``stream.receive_some(max_bytes)``; on a plain socket, a read at once if the peer
-    has something ``due``, and only if nothing is there yet a wait for readability and a
-    read again. Raises as ``receive_some`` does.
+    """``stream.receive_some(max_bytes)``; on a plain socket, when the peer has something
+    ``due``, a read once the event loop's turn is over, and only if nothing is there yet
+    a wait for readability and a read again. Raises as ``receive_some`` does.
 
-    Called once the reader's last turn is over (``Connection._after_event``): under load
-    that is long enough for a peer that owes pipeproxy something to have answered, and
-    the read finds its bytes without arming epoll (one system call) and waiting for the
-    event loop to report them; a peer that owes nothing is waited for (its read would
-    fail with EAGAIN)."""
+    The turn's end writes what the reader's last event said (``outbox.py``); under load
+    the next turn comes late enough for a peer that owes pipeproxy something to have
+    answered, and the read finds its bytes without arming epoll (one system call) and
+    waiting for the event loop to report them. A peer that owes nothing is waited for at
+    once (its read would fail with EAGAIN, and the turn's end would be waited for in
+    vain: a task switch an event)."""
     if not isinstance(stream, trio.SocketStream):
         return await stream.receive_some(max_bytes)
     sock = stream.socket
     ready = due()
+    if ready:
+        await trio.lowlevel.checkpoint()
     while True:
         if (fd := sock.fileno()) < 0:  # closed here (a failed write): before any wait on it
             raise trio.ClosedResourceError("the socket was closed")
