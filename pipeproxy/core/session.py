@@ -95,6 +95,7 @@ from .transaction import Transaction
 from .wire import (
     CRLF,
     MAX_AUTH_LINE,
+    UPSTREAM_BROKE_PROTOCOL,
     ClientError,
     ClientInput,
     Reply,
@@ -371,8 +372,8 @@ class Session:
 
     def handle(self, event: Event) -> list[Action]:
         """Take one event; return the actions to carry out, in order."""
-        self._now = self._clock()  # the time of the event: one read of the clock
         try:
+            self._now = self._clock()  # the time of the event: one read of the clock
             self._handle(event)
         except Exception:
             self._crash(traceback.format_exc())
@@ -523,9 +524,9 @@ class Session:
         while self._mode is not CLOSED:
             try:
                 upstream_reply = self._replies.next_reply()
-            except UpstreamError as error:
-                self._abandon_message(f"upstream sent bad reply: {error.reason}")
-                self._fail(error.reply, f"upstream sent bad reply: {error.reason}")
+            except UpstreamError as bad_reply:  # a name of its own: compiled, a variable keeps one type
+                self._abandon_message(f"upstream sent bad reply: {bad_reply.reason}")
+                self._fail(bad_reply.reply, f"upstream sent bad reply: {bad_reply.reason}")
                 return
             if upstream_reply is not None:
                 if self._outstanding is None:
@@ -547,9 +548,9 @@ class Session:
                 return
             try:
                 line = self._input.next_line(sasl=self._mode is READING_SASL)
-            except ClientError as error:
+            except ClientError as bad_line:
                 self.commands += 1
-                self._refuse("", error.reply, error.reason)
+                self._refuse("", bad_line.reply, bad_line.reason)
                 continue
             if line is None:
                 self._flush()
@@ -985,7 +986,7 @@ class Session:
             self._hold(upstream_reply)  # after what is held: one write
             self._fail(None, "upstream sent 421 unprompted")
         else:
-            self._fail(reply(421, "4.4.2 Upstream server broke the protocol, closing connection"), "unsolicited reply")
+            self._fail(UPSTREAM_BROKE_PROTOCOL, "unsolicited reply")
 
     # -- message content -------------------------------------------------------------
 

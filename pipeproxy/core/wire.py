@@ -83,13 +83,15 @@ class ClientError(Exception):
         self.reason = reason
 
 
+UPSTREAM_BROKE_PROTOCOL = reply(421, "4.4.2 Upstream server broke the protocol, closing connection")
+
+
 class UpstreamError(Exception):
     """The upstream broke the protocol: nothing more it says can be trusted."""
 
-    reply = reply(421, "4.4.2 Upstream server broke the protocol, closing connection")
-
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
+        self.reply = UPSTREAM_BROKE_PROTOCOL
         self.reason = reason
 
 
