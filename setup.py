@@ -23,7 +23,14 @@ from pathlib import Path
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
-CORE = sorted(str(path) for path in Path("pipeproxy/core").glob("*.py") if path.name != "__init__.py")
+# Every module of the core but the settings: config.py and values.py are read at start-up,
+# not per event, and a Config goes to each worker process pickled, which a compiled
+# frozen dataclass refuses (its unpickling sets attributes one by one).
+CORE = sorted(
+    str(path)
+    for path in Path("pipeproxy/core").glob("*.py")
+    if path.name not in ("__init__.py", "config.py", "values.py")
+)
 
 
 class OptionalBuildExt(build_ext):
