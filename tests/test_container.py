@@ -79,6 +79,8 @@ async def test_the_image_proxies_checks_health_and_drains_on_stop(nursery, image
 
         user = (await podman("exec", name, "id", "-u")).stdout.decode().strip()
         assert user != "0", "pipeproxy runs as root in the image"
+        core = await podman("exec", name, "python", "-c", "import pipeproxy.core.session as s; print(s.__file__)")
+        assert core.stdout.decode().strip().endswith(".so"), "the image runs the core as pure Python (setup.py)"
 
         await podman("stop", "-t", "60", name)
         state = json.loads((await podman("inspect", name)).stdout)[0]["State"]
