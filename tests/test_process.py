@@ -13,6 +13,7 @@ import subprocess
 import pytest
 import trio
 
+from pipeproxy.core import session
 from pipeproxy.core.config import Address, Config, settings
 from pipeproxy.demo.client import envelope_lines
 from pipeproxy.demo.legacy_mta import LegacyMTA
@@ -149,6 +150,8 @@ async def test_the_first_line_says_the_version_and_every_setting(nursery, pipepr
     proxy = await pipeproxy_process(await start_legacy(nursery, LegacyMTA()), PIPEPROXY_MAX_SESSIONS="7")
     first = proxy.log.lines[0]
     assert (first["event"], first["version"], first["pid"]) == ("starting", version("pipeproxy"), proxy.pid)
+    # The process imports what this one does: the sources, or the compiled build (test_compiled.py).
+    assert first["core"] == ("python" if session.__file__.endswith(".py") else "compiled")
     assert set(first["settings"]) == set(settings())
     assert first["settings"]["max_sessions"] == 7 and first["settings"]["listen"] == "127.0.0.1:0"
     assert first["settings"]["timeouts"]["data_end"] == 600

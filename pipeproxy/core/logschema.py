@@ -142,8 +142,8 @@ STOPPING = _event("stopping", "info", "signal", "a signal asked pipeproxy to sto
 STOPPING_NOW = _event("stopping now", "info", "signal", "a second signal ended the grace period")
 WORKERS_STARTED = _event("workers started", "info", "workers port", "worker processes share the port")
 STARTING = _event(
-    "starting", "info", "version pid settings", "pipeproxy starts: its version and every setting in effect, secrets "
-    "redacted"
+    "starting", "info", "version pid core settings", "pipeproxy starts: its version, its core compiled or pure "
+    "python, and every setting in effect, secrets redacted"
 )
 RELOAD = _event(
     "reload", "info", "signal reloaded", "SIGHUP: what could be reloaded was (reloaded names it; empty: nothing)"
