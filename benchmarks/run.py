@@ -4,8 +4,9 @@
 
 0. floor: 20 persistent sessions on loopback in front of smtp-sink -p, a lock-step client
    (smtp-source -d) and a pipelining one (load.py), through socat, a bare trio byte relay
-   (trio_relay.py: the floor for anything on trio), pipeproxy (also --xclient off, and
-   --workers 2); messages a second, each relay's CPU, and pipeproxy over the trio relay.
+   (trio_relay.py: the floor for anything on trio), pipeproxy (also --xclient off,
+   --workers 2, and as pure Python); messages a second, each relay's CPU, and pipeproxy
+   over the trio relay.
 1. latency: a client 100 ms round trip away (delay_relay.py), messages to 1, 10 and 50
    recipients: (a) straight at a legacy MTA (smtp-sink -p: no PIPELINING), (b) through
    pipeproxy in front of it, (c) straight at an MTA that pipelines (smtp-sink). Clients:
@@ -15,8 +16,10 @@
 3. memory: resident memory per idle session at 1,000 and 10,000 sessions, and growth
    while one 50 MB message streams through.
 
-Everything listens on 127.0.0.1 and stops when the run ends. Medians of repeated runs;
-the machine is shared, so read the ratios, not the absolute figures.
+pipeproxy is measured as users install it: the run first builds it as ``pip install .``
+does, its core compiled by mypyc (setup.py), into a temporary folder. Everything listens
+on 127.0.0.1 and stops when the run ends. Medians of repeated runs; the machine is
+shared, so read the ratios, not the absolute figures.
 """
 
 from __future__ import annotations
@@ -27,10 +30,12 @@ import json
 import os
 import platform
 import resource
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,6 +44,7 @@ import trio
 from pipeproxy.demo.client import SMTPClient, envelope_lines
 
 HERE = Path(__file__).resolve().parent
+REPOSITORY = HERE.parent
 ONE_WAY_DELAY = 0.05
 CONTENT = b"From: bench@client.test\r\nSubject: bench\r\n\r\n" + b"A line of a benchmark message body.\r\n" * 50
 
@@ -61,8 +67,25 @@ def wait_listening(port: int, limit: float = 15.0) -> None:
             time.sleep(0.05)
 
 
+def install_compiled(directory: Path) -> Path:
+    """pipeproxy built as ``pip install .`` builds it (its core compiled), installed into
+    ``directory``; the folder to run it from."""
+    source, site = directory / "source", directory / "site"
+    source.mkdir()
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy(REPOSITORY / name, source)
+    shutil.copytree(REPOSITORY / "pipeproxy", source / "pipeproxy", ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", site, source], check=True)
+    if not list((site / "pipeproxy" / "core").glob("session*.so")):
+        sys.exit("the core was not compiled (is a C compiler installed? .ci/setup installs gcc)")
+    return site
+
+
 class Services(contextlib.ExitStack):
     """Background processes, each stopped when the benchmark leaves the block."""
+
+    # Where ``pipeproxy`` runs from unless a call says otherwise: the compiled build.
+    pipeproxy_source: Path | None = None
 
     def start(self, command: list[str], source: Path | None = None) -> subprocess.Popen:
         env = None if source is None else {**os.environ, "PYTHONPATH": str(source)}
@@ -98,6 +121,7 @@ class Services(contextlib.ExitStack):
     ) -> tuple[int, subprocess.Popen]:
         """pipeproxy as deployed: default (info) logging, as JSON, to a discarded stdout;
         ``source``: a directory holding another version's ``pipeproxy`` package."""
+        source = source or self.pipeproxy_source
         port = free_port()
         process = self.start([
             sys.executable, "-m", "pipeproxy", "--listen", f"127.0.0.1:{port}", "--upstream", f"127.0.0.1:{upstream}",
@@ -304,6 +328,7 @@ def floor(runs: int, scale: float, sessions: int = 20, baseline: Path | None = N
             "pipeproxy": services.pipeproxy(sink),
             "pp xclient off": services.pipeproxy(sink, 1, "--xclient", "off"),
             "pipeproxy×2": services.pipeproxy(sink, 2),
+            "pure Python": services.pipeproxy(sink, source=REPOSITORY),
         }
         if baseline is not None:
             targets["baseline"] = services.pipeproxy(sink, source=baseline)
@@ -435,11 +460,13 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", choices=["floor", "latency", "throughput", "memory"])
     parser.add_argument("--quick", action="store_true", help="fewer runs and smaller loads, for a first look")
     parser.add_argument("--baseline", type=Path, metavar="DIR",
-                        help="floor: also pipeproxy from DIR (e.g. git worktree add /tmp/before COMMIT)")
+                        help="floor: also pipeproxy from DIR, as its sources (git worktree add /tmp/before COMMIT)")
     args = parser.parse_args()
     sections = args.only or ["floor", "latency", "throughput", "memory"]
     runs = 3 if args.quick else 5
     print(f"# pipeproxy benchmarks, {time.strftime('%Y-%m-%d')}, on {machine()}")
+    build = tempfile.TemporaryDirectory(prefix="pipeproxy-build-")
+    Services.pipeproxy_source = install_compiled(Path(build.name))
     if "floor" in sections:
         floor(runs=3 if args.quick else 5, scale=0.5 if args.quick else 1.0, baseline=args.baseline)
     if "latency" in sections:
