@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 
 import structlog
 import trio
@@ -160,3 +161,50 @@ async def test_starttls_after_a_client_write_that_timed_out_waits_for_no_handsha
     started = trio.current_time()
     await ended.wait()
     assert trio.current_time() - started < 100  # client_idle (10 s), not the handshake's 1000 s
+
+
+async def test_cleartext_read_while_starttls_waits_never_reaches_the_session_inside_tls(nursery, tls_files, ca):
+    """CVE-2011-0411's shape, through the shell: the client pipelines NOOP and STARTTLS and,
+    before reading the NOOP's reply, injects a command in clear. The client reader reads it
+    while the STARTTLS actions hold the lock (their write waits for the client to read), so
+    its event waits behind them; by then the stream it came from has been replaced by TLS."""
+    upstream_lines: list[bytes] = []
+
+    async def upstream_script(peer: Peer) -> None:
+        await greet_and_ehlo(peer)
+        assert await peer.line() == b"NOOP\r\n"
+        await peer.send(b"250 Ok\r\n")
+        while line := await peer.line():
+            upstream_lines.append(line)
+            await peer.send(b"250-legacy.test\r\n250 8BITMIME\r\n" if line.startswith(b"EHLO") else b"250 Ok\r\n")
+
+    cert, key = tls_files
+    config = Config(upstream=await start_upstream(nursery, upstream_script), tls_cert=cert, tls_key=key)
+    client_stream, proxy_stream = trio.testing.lockstep_stream_pair()  # no buffer: a write waits for a read
+    nursery.start_soon(Connection(proxy_stream, config, tls=ServerTls(config)).serve)
+    received = b""
+
+    async def reply() -> bytes:
+        nonlocal received
+        while not (end := re.search(rb"(^|\n)\d{3} [^\r\n]*\r\n", received)):
+            received += await client_stream.receive_some()
+        answer, received = received[: end.end()], received[end.end() :]
+        return answer
+
+    assert (await reply()).startswith(b"220 ")
+    await client_stream.send_all(b"EHLO client.test\r\n")
+    assert (await reply()).startswith(b"250")
+    await client_stream.send_all(b"NOOP\r\nSTARTTLS\r\n")
+    await trio.testing.wait_all_tasks_blocked()  # the NOOP's 250 waits for the client to read
+    await client_stream.send_all(b"RSET injected-in-clear\r\n")
+    assert (await reply()).startswith(b"250 ")
+    assert (await reply()).startswith(b"220 ")
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    tls = trio.SSLStream(client_stream, context, server_hostname="localhost")
+    await tls.do_handshake()
+    await tls.send_all(b"EHLO client.test\r\nQUIT\r\n")
+    while await tls.receive_some():  # to the session's end: everything sent upstream is in
+        pass
+    assert upstream_lines[0].startswith(b"EHLO"), upstream_lines
+    assert not any(b"injected" in line for line in upstream_lines), upstream_lines

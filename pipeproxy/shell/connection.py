@@ -188,15 +188,12 @@ class Connection:
         connection or client stream it came from, dropped if that has been replaced.
         What the actions write goes at the end of the turn; ``now``: settled before this
         returns (a reader's writes are settled by the watchdog, when they need it)."""
-        current = (epoch is None or epoch == self._upstream_epoch) and (
-            client_epoch is None or client_epoch == self._client_epoch
-        )
         if not self._lock.locked() and not now:
             # Nearly always: nobody's actions are under way, and these are writes pushed
             # to channels and log lines, carried out with no schedule point, so nothing
             # can come between the Session call and them; the lock is taken (1.3 µs in
             # trio, a fifth of an event's cost) only from the first action that awaits.
-            actions = self._handle(event) if current else []
+            actions = self._handle(event) if self._current(epoch, client_epoch) else []
             if rest := actions[self._perform_at_once(actions) :]:
                 self._lock.acquire_nowait()
                 try:
@@ -210,7 +207,10 @@ class Connection:
             except trio.WouldBlock:
                 await self._lock.acquire()
             try:
-                if current:
+                # Asked only now: while this call waited, the actions before it may have
+                # replaced the stream it came from (STARTTLS: what was read in clear must
+                # never reach the Session inside TLS; a dropped upstream's last bytes).
+                if self._current(epoch, client_epoch):
                     await self._perform(self._handle(event))
                 if now:
                     await self._settle_and_report()
@@ -222,6 +222,12 @@ class Connection:
             self._watch.deadline = deadline
         if self._room:
             self._room.unpark_all()
+
+    def _current(self, epoch: int | None, client_epoch: int | None) -> bool:
+        """Whether the streams an event came from are still the ones in use."""
+        return (epoch is None or epoch == self._upstream_epoch) and (
+            client_epoch is None or client_epoch == self._client_epoch
+        )
 
     def _handle(self, event: Event) -> list[Action]:
         actions = self.session.handle(event)
