@@ -2,10 +2,12 @@
 
 Each connection has a reader task that turns what it reads into an event for the
 Session and carries out the actions the Session returns. One FIFO lock is held from the
-Session call until its actions (and the events they lead to: a failed write, a connect)
-are done, so actions happen in the order the Session produced them, never overtaken by
-a later call's. A reader that waits for the lock or for its actions reads nothing
-meanwhile: that is the backpressure. The client reader also parks while the Session
+first action that awaits (a settle, a connect, a handshake) until its actions and the
+events they lead to (a failed write, a connect) are done, and an event that finds the
+lock held waits for it before the Session sees it; an event whose actions are writes and
+log lines reaches no schedule point at all. So actions happen in the order the Session
+produced them, never overtaken by a later call's. A reader that waits for the lock or
+for its actions reads nothing meanwhile: that is the backpressure. The client reader also parks while the Session
 can hold no more input. A third task, the watchdog, sleeps until the Session's deadline
 (on trio's clock) and sends ``Tick``, or until a channel needs settling.
 

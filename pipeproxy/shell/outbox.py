@@ -85,8 +85,9 @@ class Channel:
     """One stream's outgoing bytes: pushed now, written at the end of the turn or when
     settled, always in the order pushed. After a failed write it writes nothing more.
 
-    Pushed to and settled only under its connection's lock, so no push comes while a
-    settle's ``send_all`` is under way; the outbox writes only between tasks' steps.
+    Settled only under its connection's lock, and pushed to only by a task that holds it
+    or found it free with no schedule point since, so no push comes while a settle's
+    ``send_all`` is under way; the outbox writes only between tasks' steps.
     ``unsettled``: called when the channel needs its connection to settle it (above)."""
 
     def __init__(self, stream: trio.abc.Stream, unsettled: Callable[[], None]) -> None:
