@@ -7,9 +7,10 @@ events they lead to (a failed write, a connect) are done, and an event that find
 lock held waits for it before the Session sees it; an event whose actions are writes and
 log lines reaches no schedule point at all. So actions happen in the order the Session
 produced them, never overtaken by a later call's. A reader that waits for the lock or
-for its actions reads nothing meanwhile: that is the backpressure. The client reader also parks while the Session
-can hold no more input. A third task, the watchdog, sleeps until the Session's deadline
-(on trio's clock) and sends ``Tick``, or until a channel needs settling.
+for its actions reads nothing meanwhile: that is the backpressure. The client reader
+also parks while the Session can hold no more input. A third task, the watchdog, sleeps
+until the Session's deadline (on trio's clock) and sends ``Tick``, or until a channel
+needs settling.
 
 What the Session says to write is pushed to the side's ``Channel`` (``outbox.py``),
 each group of replies one piece, and written at the end of the event loop's turn with
