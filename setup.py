@@ -12,6 +12,9 @@ built, pipeproxy installs as pure Python and works the same, only slower. That h
 - where the build fails (no C compiler, say): a warning says so (``pip -v`` shows it;
   the ``starting`` log line says ``core: python``), and the install goes on.
 
+Written for the compiler where it counts: the core's module constants are ``Final``
+(compiled code reads them as C variables, not from the module's dict at each use).
+
 Everything else about the package is in pyproject.toml.
 """
 

@@ -18,11 +18,12 @@ extensions a line-oriented proxy cannot relay are removed:
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Final
 
 from .wire import Reply
 
-PIPELINING = "PIPELINING"
-NOT_RELAYABLE = frozenset(
+PIPELINING: Final = "PIPELINING"
+NOT_RELAYABLE: Final = frozenset(
     {"CHUNKING", "BINARYMIME", "PIPE_CONNECT", "X_PIPE_CONNECT", "STARTTLS", "XCLIENT", "XFORWARD"}
 )
 

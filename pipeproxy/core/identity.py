@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from typing import Final
 
 from .config import Address
 
-UNAVAILABLE = b"[UNAVAILABLE]"
+UNAVAILABLE: Final = b"[UNAVAILABLE]"
 # Postfix reads XCLIENT and XFORWARD as ordinary command lines; staying within RFC 5321's
 # 512 octets keeps any MTA's line limit happy. The HELO name is what may be long.
-MAX_LINE = 512
+MAX_LINE: Final = 512
 
 
 def xtext(value: bytes) -> bytes:

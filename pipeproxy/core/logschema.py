@@ -10,7 +10,7 @@ come on every line of a session and are not repeated here.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,29 +31,29 @@ def _event(name: str, level: str, fields: str, doc: str) -> LogEvent:
 
 
 # -- one session (the core) ------------------------------------------------------------
-SESSION_OPEN = _event("session open", "info", "server", "a client connected (to server, pipeproxy's address)")
-SESSION_CLOSED = _event(
+SESSION_OPEN: Final = _event("session open", "info", "server", "a client connected (to server, pipeproxy's address)")
+SESSION_CLOSED: Final = _event(
     "session closed",
     "info",
     "reason duration commands messages",
     "the session ended; warning when it did not end cleanly (reason says why)",
 )
-UPSTREAM_GREETING = _event("upstream greeting", "info", "code", "the upstream's greeting arrived")
-UPSTREAM_UNREACHABLE = _event("upstream unreachable", "warning", "error", "connecting to the upstream failed")
-HELO_FALLBACK = _event(
+UPSTREAM_GREETING: Final = _event("upstream greeting", "info", "code", "the upstream's greeting arrived")
+UPSTREAM_UNREACHABLE: Final = _event("upstream unreachable", "warning", "error", "connecting to the upstream failed")
+HELO_FALLBACK: Final = _event(
     "upstream has no EHLO, falling back to HELO", "info", "code", "the upstream refused EHLO; pipeproxy sent HELO"
 )
-EHLO_REWRITTEN = _event("ehlo rewritten", "info", "removed", "keywords removed from the EHLO reply clients see")
-COMMAND_REFUSED = _event(
+EHLO_REWRITTEN: Final = _event("ehlo rewritten", "info", "removed", "keywords removed from the EHLO reply clients see")
+COMMAND_REFUSED: Final = _event(
     "command refused", "info", "verb reason", "pipeproxy answered a command itself; it never reached the upstream"
 )
-COMMAND = _event(
+COMMAND: Final = _event(
     "command",
     "debug",
     "verb code upstream_wait group",
     "one command and its reply (never its argument); group counts the client writes so far",
 )
-TRANSACTION = _event(
+TRANSACTION: Final = _event(
     "transaction",
     "info",
     "helo sender recipients recipients_accepted recipients_rejected size message_id queue_id reply_code reply "
@@ -61,96 +61,98 @@ TRANSACTION = _event(
     "one mail transaction, MAIL to its final reply: the canonical line per message; recipients lists "
     "each one's address, code and (when refused) the reply text; queue_id is the MTA's, from its final reply",
 )
-MESSAGE_ABANDONED = _event(
+MESSAGE_ABANDONED: Final = _event(
     "message abandoned, upstream closed without final dot",
     "warning",
     "reason",
     "the message was not completed, so the upstream cannot deliver it",
 )
-UPSTREAM_RECONNECTING = _event(
+UPSTREAM_RECONNECTING: Final = _event(
     "reconnecting upstream",
     "info",
     "reason",
     "pipeproxy dropped the upstream connection mid-message and opens a new one for the session",
 )
-UPSTREAM_RECONNECTED = _event("upstream reconnected", "info", "", "greeting and EHLO replayed; the session goes on")
-TRANSCRIPT = _event(
+UPSTREAM_RECONNECTED: Final = _event(
+    "upstream reconnected", "info", "", "greeting and EHLO replayed; the session goes on"
+)
+TRANSCRIPT: Final = _event(
     "transcript",
     "info",
     "direction line code text",
     "with --transcript: a command (line) from the client or pipeproxy's own to the upstream, or a "
     "reply (code, text) from the upstream or pipeproxy's own to the client; never content or AUTH data",
 )
-XCLIENT_SENT = _event(
+XCLIENT_SENT: Final = _event(
     "xclient sent", "info", "attributes", "the upstream was told who the client is (attribute names only)"
 )
-XCLIENT_REFUSED = _event(
+XCLIENT_REFUSED: Final = _event(
     "xclient refused", "error", "code reply", "the upstream refused XCLIENT; the session failed closed with 421"
 )
-XFORWARD_REFUSED = _event(
+XFORWARD_REFUSED: Final = _event(
     "xforward refused", "warning", "code reply", "the upstream refused XFORWARD; the mail went on without it"
 )
-EARLY_TALKER = _event(
+EARLY_TALKER: Final = _event(
     "client talked before the greeting", "info", "action", "allow: logged only; reject: 554 and closed"
 )
-TLS_ESTABLISHED = _event("tls established", "info", "version cipher sni", "the client's TLS session is up")
-TLS_FAILED = _event("tls handshake failed", "warning", "reason", "the client's TLS handshake failed; closed")
-PLAINTEXT_AFTER_STARTTLS = _event(
+TLS_ESTABLISHED: Final = _event("tls established", "info", "version cipher sni", "the client's TLS session is up")
+TLS_FAILED: Final = _event("tls handshake failed", "warning", "reason", "the client's TLS handshake failed; closed")
+PLAINTEXT_AFTER_STARTTLS: Final = _event(
     "plaintext after STARTTLS discarded",
     "warning",
     "octets",
     "bytes the client sent after STARTTLS, before TLS: never answered inside TLS (CVE-2011-0411)",
 )
-UPSTREAM_TLS_ESTABLISHED = _event(
+UPSTREAM_TLS_ESTABLISHED: Final = _event(
     "upstream tls established", "info", "version cipher", "TLS with the upstream is up (--upstream-tls)"
 )
-UPSTREAM_TLS_FAILED = _event(
+UPSTREAM_TLS_FAILED: Final = _event(
     "upstream tls failed",
     "warning",
     "reason action",
     "no TLS with the upstream: handshake failed, certificate not verified, STARTTLS not offered or refused; "
     "action: clear (may: went on in clear) or closed (the client got 421)",
 )
-UPSTREAM_BYTES_AFTER_STARTTLS = _event(
+UPSTREAM_BYTES_AFTER_STARTTLS: Final = _event(
     "upstream bytes after STARTTLS discarded",
     "warning",
     "octets",
     "bytes the upstream sent after its 220 to STARTTLS, before TLS: never taken as replies (response injection)",
 )
-INTERNAL_ERROR = _event(
+INTERNAL_ERROR: Final = _event(
     "internal error", "error", "exception", "a bug in pipeproxy: the client got 421 and the session ended"
 )
 
 # -- the server and the process (the shell) -------------------------------------------
-LISTENING = _event("listening", "info", "addresses upstream", "pipeproxy accepts connections")
-DRAINING = _event("draining", "info", "sessions grace_period", "stopping: no new sessions, open ones finish")
-GRACE_OVER = _event(
+LISTENING: Final = _event("listening", "info", "addresses upstream", "pipeproxy accepts connections")
+DRAINING: Final = _event("draining", "info", "sessions grace_period", "stopping: no new sessions, open ones finish")
+GRACE_OVER: Final = _event(
     "grace period over, closing sessions", "warning", "sessions", "sessions still open got 421 and were closed"
 )
-STOPPED = _event("stopped", "info", "sessions_left", "every session has ended")
-TOO_MANY_SESSIONS = _event(
+STOPPED: Final = _event("stopped", "info", "sessions_left", "every session has ended")
+TOO_MANY_SESSIONS: Final = _event(
     "session refused: too many sessions", "warning", "max_sessions", "a client got 421 at once"
 )
-BAD_PROXY_HEADER = _event(
+BAD_PROXY_HEADER: Final = _event(
     "bad PROXY header, closing", "warning", "peer error", "a connection without a valid PROXY header was closed"
 )
-CLIENT_REFUSED = _event(
+CLIENT_REFUSED: Final = _event(
     "client refused", "info", "client reason", "a client was refused at the door (access list, per-client limit)"
 )
-SESSION_FAILED = _event("session failed", "error", "", "a session's shell failed; its traceback follows")
-STOPPING = _event("stopping", "info", "signal", "a signal asked pipeproxy to stop: the drain begins")
-STOPPING_NOW = _event("stopping now", "info", "signal", "a second signal ended the grace period")
-WORKERS_STARTED = _event("workers started", "info", "workers port", "worker processes share the port")
-STARTING = _event(
+SESSION_FAILED: Final = _event("session failed", "error", "", "a session's shell failed; its traceback follows")
+STOPPING: Final = _event("stopping", "info", "signal", "a signal asked pipeproxy to stop: the drain begins")
+STOPPING_NOW: Final = _event("stopping now", "info", "signal", "a second signal ended the grace period")
+WORKERS_STARTED: Final = _event("workers started", "info", "workers port", "worker processes share the port")
+STARTING: Final = _event(
     "starting", "info", "version pid core settings", "pipeproxy starts: its version, its core compiled or pure "
     "python, and every setting in effect, secrets redacted"
 )
-RELOAD = _event(
+RELOAD: Final = _event(
     "reload", "info", "signal reloaded", "SIGHUP: what could be reloaded was (reloaded names it; empty: nothing)"
 )
-RELOAD_FAILED = _event("reload failed", "error", "", "a reload hook failed; what it guards is unchanged")
-WORKER_STARTED = _event("worker started", "info", "worker pid", "a worker process was started (or restarted)")
-WORKER_RESTARTING = _event(
+RELOAD_FAILED: Final = _event("reload failed", "error", "", "a reload hook failed; what it guards is unchanged")
+WORKER_STARTED: Final = _event("worker started", "info", "worker pid", "a worker process was started (or restarted)")
+WORKER_RESTARTING: Final = _event(
     "worker died, restarting",
     "error",
     "worker pid exitcode delay",
@@ -163,6 +165,6 @@ def write(logger: Any, event: LogEvent, **fields: Any) -> None:
     getattr(logger, event.level)(event.name, **fields)
 
 
-EVENTS: dict[str, LogEvent] = {
+EVENTS: Final[dict[str, LogEvent]] = {
     event.name: event for event in list(globals().values()) if isinstance(event, LogEvent)
 }

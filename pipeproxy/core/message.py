@@ -11,13 +11,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+from typing import Final
 
 # RFC 5322 §2.1.1: a line is at most 998 octets; a folded Message-ID is short. A header
 # line longer than this cannot be the one we want.
-MAX_HEADER_LINE = 4096
+MAX_HEADER_LINE: Final = 4096
 # Past this many octets of headers, stop looking: the cost stays bounded per message.
-MAX_HEADER_SECTION = 256 * 1024
-_MESSAGE_ID = re.compile(rb"(?i)^message-id:\s*(<[^>\s]{1,900}>)")
+MAX_HEADER_SECTION: Final = 256 * 1024
+_MESSAGE_ID: Final = re.compile(rb"(?i)^message-id:\s*(<[^>\s]{1,900}>)")
 
 
 class HeaderScanner:
@@ -76,7 +77,7 @@ class HeaderScanner:
 # Exim "250 OK id=1sXYZ-000123-AB", Sendmail "250 2.0.0 4ATK1a2b003 Message accepted for
 # delivery", Exchange "250 2.6.0 <id@host> [InternalId=123] Queued mail for delivery",
 # OpenSMTPD "250 2.0.0 a1b2c3d4 Message accepted for delivery", qmail "250 ok 1700000000 qp 123".
-_QUEUE_ID = [
+_QUEUE_ID: Final = [
     re.compile(r"queued as ([\w.\-]+)", re.IGNORECASE),
     re.compile(r"\bid=([\w.\-]+)", re.IGNORECASE),
     re.compile(r"([\w.\-]+) Message accepted for delivery", re.IGNORECASE),

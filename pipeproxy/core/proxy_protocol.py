@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+from typing import Final
 
 from .config import Address
 
-V1_PREFIX = b"PROXY "
-V1_MAX = 107  # the spec's longest v1 line, CRLF included
-V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
-V2_MAX_PAYLOAD = 4096  # addresses plus TLVs; real headers are far smaller
+V1_PREFIX: Final = b"PROXY "
+V1_MAX: Final = 107  # the spec's longest v1 line, CRLF included
+V2_SIGNATURE: Final = b"\r\n\r\n\x00\r\nQUIT\n"
+V2_MAX_PAYLOAD: Final = 4096  # addresses plus TLVs; real headers are far smaller
 
 
 def parse(data: bytes) -> tuple[Address | None, int] | None:

@@ -33,7 +33,7 @@ import re
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from . import logschema as L
 from .actions import (
@@ -118,48 +118,48 @@ class Exchange:
     proxy: bool = False  # pipeproxy's own command: the client did not send it
 
 
-GREETING = Exchange("greeting", "greeting", proxy=True)
-EHLO = Exchange("EHLO", "command")
-HELO = Exchange("HELO", "command")
-HELO_FALLBACK = Exchange("HELO fallback", "command", proxy=True)
-AUTH = Exchange("AUTH", "command")
-SASL = Exchange("SASL response", "command")  # a client line answering AUTH's 334
-MAIL = Exchange("MAIL", "mail", groupable=True)
-RCPT = Exchange("RCPT", "rcpt", groupable=True)
-RSET = Exchange("RSET", "command", groupable=True)
-LEGACY_FROM = Exchange("SEND/SOML/SAML", "mail", groupable=True)  # RFC 2920 §3.1 lists them
-DATA = Exchange("DATA", "data_init")
-END_OF_DATA = Exchange("end of data", "data_end")
-QUIT = Exchange("QUIT", "command")
-OTHER = Exchange("other command", "command")  # NOOP, VRFY, HELP, unknown verbs: relayed as they are
+GREETING: Final = Exchange("greeting", "greeting", proxy=True)
+EHLO: Final = Exchange("EHLO", "command")
+HELO: Final = Exchange("HELO", "command")
+HELO_FALLBACK: Final = Exchange("HELO fallback", "command", proxy=True)
+AUTH: Final = Exchange("AUTH", "command")
+SASL: Final = Exchange("SASL response", "command")  # a client line answering AUTH's 334
+MAIL: Final = Exchange("MAIL", "mail", groupable=True)
+RCPT: Final = Exchange("RCPT", "rcpt", groupable=True)
+RSET: Final = Exchange("RSET", "command", groupable=True)
+LEGACY_FROM: Final = Exchange("SEND/SOML/SAML", "mail", groupable=True)  # RFC 2920 §3.1 lists them
+DATA: Final = Exchange("DATA", "data_init")
+END_OF_DATA: Final = Exchange("end of data", "data_end")
+QUIT: Final = Exchange("QUIT", "command")
+OTHER: Final = Exchange("other command", "command")  # NOOP, VRFY, HELP, unknown verbs: relayed as they are
 # A new upstream connection after pipeproxy had to drop one mid-message: the client has
 # seen a greeting and its EHLO reply already, so these replies are not relayed.
-REPLAY_GREETING = Exchange("greeting (reconnect)", "greeting", proxy=True)
-REPLAY_EHLO = Exchange("EHLO (reconnect)", "command", proxy=True)
-REPLAY_HELO = Exchange("HELO (reconnect)", "command", proxy=True)
+REPLAY_GREETING: Final = Exchange("greeting (reconnect)", "greeting", proxy=True)
+REPLAY_EHLO: Final = Exchange("EHLO (reconnect)", "command", proxy=True)
+REPLAY_HELO: Final = Exchange("HELO (reconnect)", "command", proxy=True)
 # Telling a trusting upstream who the client is (identity.py). A client that says HELO
 # gets an EHLO sent first, since only an EHLO reply says whether XCLIENT is offered.
-HELO_PROBE = Exchange("EHLO before HELO", "command", proxy=True)
-XCLIENT = Exchange("XCLIENT", "command", proxy=True)
-REPLAY_XCLIENT = Exchange("XCLIENT (reconnect)", "command", proxy=True)
-XFORWARD = Exchange("XFORWARD", "command", proxy=True)
+HELO_PROBE: Final = Exchange("EHLO before HELO", "command", proxy=True)
+XCLIENT: Final = Exchange("XCLIENT", "command", proxy=True)
+REPLAY_XCLIENT: Final = Exchange("XCLIENT (reconnect)", "command", proxy=True)
+XFORWARD: Final = Exchange("XFORWARD", "command", proxy=True)
 # TLS toward the upstream (--upstream-tls): after an EHLO reply offering STARTTLS,
 # pipeproxy's STARTTLS; after its 220 the handshake, which the shell does and which owes
 # no reply but blocks the upstream like one (nothing from the client goes upstream
 # meanwhile); then the EHLO again, inside TLS, whose reply is the one the client sees.
-UPSTREAM_STARTTLS = Exchange("STARTTLS (upstream)", "command", proxy=True)
-UPSTREAM_TLS = Exchange("TLS handshake (upstream)", "tls_handshake", proxy=True)
-REPLAY_STARTTLS = Exchange("STARTTLS (reconnect)", "command", proxy=True)
-REPLAY_UPSTREAM_TLS = Exchange("TLS handshake (reconnect)", "tls_handshake", proxy=True)
+UPSTREAM_STARTTLS: Final = Exchange("STARTTLS (upstream)", "command", proxy=True)
+UPSTREAM_TLS: Final = Exchange("TLS handshake (upstream)", "tls_handshake", proxy=True)
+REPLAY_STARTTLS: Final = Exchange("STARTTLS (reconnect)", "command", proxy=True)
+REPLAY_UPSTREAM_TLS: Final = Exchange("TLS handshake (reconnect)", "tls_handshake", proxy=True)
 # --upstream-tls may and a failed handshake: a new connection, in clear, whose greeting
 # the client (still waiting for its EHLO reply) never sees.
-CLEAR_GREETING = Exchange("greeting (in clear after TLS failed)", "greeting", proxy=True)
+CLEAR_GREETING: Final = Exchange("greeting (in clear after TLS failed)", "greeting", proxy=True)
 
-REPLAY = (REPLAY_GREETING, REPLAY_EHLO, REPLAY_HELO, REPLAY_XCLIENT, REPLAY_STARTTLS, REPLAY_UPSTREAM_TLS)
+REPLAY: Final = (REPLAY_GREETING, REPLAY_EHLO, REPLAY_HELO, REPLAY_XCLIENT, REPLAY_STARTTLS, REPLAY_UPSTREAM_TLS)
 
-_EHLO_REPLIES = frozenset({EHLO, HELO_PROBE, REPLAY_EHLO})  # what they offer is learnt
+_EHLO_REPLIES: Final = frozenset({EHLO, HELO_PROBE, REPLAY_EHLO})  # what they offer is learnt
 
-VERBS = {
+VERBS: Final = {
     "EHLO": EHLO,
     "HELO": HELO,
     "AUTH": AUTH,
@@ -184,10 +184,10 @@ class Relay:
     name: str
 
 
-AS_IS = Relay("as is")
-EHLO_REWRITTEN = Relay("EHLO reply rewritten")  # PIPELINING added, the unrelayable removed
-HELO_AS_EHLO = Relay("HELO reply as an EHLO reply")
-NOT_RELAYED = Relay("not relayed")
+AS_IS: Final = Relay("as is")
+EHLO_REWRITTEN: Final = Relay("EHLO reply rewritten")  # PIPELINING added, the unrelayable removed
+HELO_AS_EHLO: Final = Relay("HELO reply as an EHLO reply")
+NOT_RELAYED: Final = Relay("not relayed")
 
 
 # exchange -> rows of (reply code: exact, "2xx"-style class or "*"; relayed as; then).
@@ -200,7 +200,7 @@ NOT_RELAYED = Relay("not relayed")
 # ends the channel whatever was asked (RFC 5321 §3.8): it is relayed and the session
 # closes, answering what is still waiting with 421; only during the silent replay after a
 # reconnect, which the client knows nothing of, is it a failed replay like any other.
-TRANSITIONS: dict[Exchange, tuple[tuple[str, Relay, str | None], ...]] = {
+TRANSITIONS: Final[dict[Exchange, tuple[tuple[str, Relay, str | None], ...]]] = {
     GREETING: (("*", AS_IS, "greeting"),),
     EHLO: (
         ("2xx+STARTTLS", NOT_RELAYED, "upstream_starttls"),  # the client sees the EHLO inside TLS
@@ -285,7 +285,7 @@ def transition(
 
 
 # RFC 1870 §3: the SIZE parameter of MAIL FROM declares the message size in octets.
-_SIZE_PARAMETER = re.compile(r"\sSIZE=(\d+)", re.IGNORECASE | re.ASCII)
+_SIZE_PARAMETER: Final = re.compile(r"\sSIZE=(\d+)", re.IGNORECASE | re.ASCII)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -295,11 +295,11 @@ class Mode:
     name: str
 
 
-READING_COMMANDS = Mode("commands")  # the next client line is an SMTP command
-READING_SASL = Mode("SASL response")  # the next client line answers an AUTH 334 challenge
-READING_CONTENT = Mode("content")  # client input is message content
-IN_TLS_HANDSHAKE = Mode("TLS handshake")  # after STARTTLS: nothing is read until TLS is up
-CLOSED = Mode("closed")
+READING_COMMANDS: Final = Mode("commands")  # the next client line is an SMTP command
+READING_SASL: Final = Mode("SASL response")  # the next client line answers an AUTH 334 challenge
+READING_CONTENT: Final = Mode("content")  # client input is message content
+IN_TLS_HANDSHAKE: Final = Mode("TLS handshake")  # after STARTTLS: nothing is read until TLS is up
+CLOSED: Final = Mode("closed")
 
 
 @dataclass(slots=True)

@@ -28,18 +28,19 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Final
 
-CRLF = b"\r\n"
+CRLF: Final = b"\r\n"
 
 # RFC 5321 §4.5.3.1.4: a command line is at most 512 octets, CRLF included, "unless an
 # extension raises it"; a legal RCPT with an RFC 3461 ORCPT runs to about 1,000. 2048 is
 # Postfix's line_length_limit.
-DEFAULT_MAX_COMMAND_LINE = 2048
+DEFAULT_MAX_COMMAND_LINE: Final = 2048
 # RFC 4954 §4: SASL exchanges may send lines of up to 12288 octets.
-MAX_AUTH_LINE = 12288
+MAX_AUTH_LINE: Final = 12288
 # RFC 5321 §4.5.3.1.5 says 512 for a reply line; real MTAs exceed it, and EHLO replies
 # run to many lines, so pipeproxy bounds a whole reply instead, generously.
-DEFAULT_MAX_REPLY_SIZE = 16 * 1024
+DEFAULT_MAX_REPLY_SIZE: Final = 16 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +84,7 @@ class ClientError(Exception):
         self.reason = reason
 
 
-UPSTREAM_BROKE_PROTOCOL = reply(421, "4.4.2 Upstream server broke the protocol, closing connection")
+UPSTREAM_BROKE_PROTOCOL: Final = reply(421, "4.4.2 Upstream server broke the protocol, closing connection")
 
 
 class UpstreamError(Exception):
@@ -104,9 +105,9 @@ def mailbox(argument: str) -> str:
     return rest.split(" ", 1)[0]
 
 
-LINE_TOO_LONG = reply(500, "5.5.2 Error: line too long")
-BARE_LF = reply(500, "5.5.2 Error: bare <LF> received")
-BARE_CR_OR_NUL = reply(500, "5.5.2 Error: bare <CR> or NUL in command line")
+LINE_TOO_LONG: Final = reply(500, "5.5.2 Error: line too long")
+BARE_LF: Final = reply(500, "5.5.2 Error: bare <LF> received")
+BARE_CR_OR_NUL: Final = reply(500, "5.5.2 Error: bare <CR> or NUL in command line")
 
 
 class ClientInput:
@@ -245,7 +246,7 @@ class ReplyReader:
 # A well-formed reply line: a code, then nothing, or " " or "-" and a text with no CR
 # or NUL. One match answers for nearly every line; the checks below say what is wrong
 # with one that fails it.
-_REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])(?:([ -])[^\r\x00]*)?")
+_REPLY_LINE: Final = re.compile(rb"([2-5][0-9][0-9])(?:([ -])[^\r\x00]*)?")
 
 
 def _parse_reply_line(raw: bytes) -> tuple[int, bool, str]:
@@ -260,7 +261,7 @@ def _parse_reply_line(raw: bytes) -> tuple[int, bool, str]:
     raise UpstreamError("control character in reply")
 
 
-_END_OF_DATA = b"\r\n.\r\n"
+_END_OF_DATA: Final = b"\r\n.\r\n"
 
 
 def _undecided_tail(text: bytes) -> int:
@@ -310,7 +311,7 @@ class Unstuffer:
 
 
 # Every line break a lenient MTA might honour: CRLF, bare CR, bare LF.
-_LINE_BREAKS = re.compile(rb"\r\n|\r|\n")
+_LINE_BREAKS: Final = re.compile(rb"\r\n|\r|\n")
 
 
 def _has_bare(data: bytes) -> bool:
@@ -323,7 +324,7 @@ def _has_bare(data: bytes) -> bool:
     return data.count(b"\r") != pairs or data.count(b"\n") != pairs or b"\x00" in data
 
 
-BARE_IN_CONTENT = "bare CR, LF or NUL in content"
+BARE_IN_CONTENT: Final = "bare CR, LF or NUL in content"
 
 
 class Stuffer:
