@@ -150,7 +150,9 @@ class ClientInput:
     def has_line(self) -> bool:
         """Whether a complete line (or one to refuse) is waiting."""
         size = len(self._buffer)
-        return b"\n" in self._buffer or (size >= self.max_line and size >= self._limit(sasl=False))
+        # find, not ``in``: on bytes ``in`` first tries its operand as an integer, and
+        # raises and clears a TypeError every call.
+        return self._buffer.find(b"\n") >= 0 or (size >= self.max_line and size >= self._limit(sasl=False))
 
     def next_line(self, sasl: bool = False) -> bytes | None:
         """The next line without its CRLF, None if incomplete; ClientError if bad.
@@ -175,7 +177,7 @@ class ClientInput:
         if not line.endswith(b"\r"):
             raise ClientError(BARE_LF, "bare LF in command line")
         line = line[:-1]
-        if b"\r" in line or b"\x00" in line:
+        if line.find(b"\r") >= 0 or line.find(b"\x00") >= 0:  # find: see has_line
             raise ClientError(BARE_CR_OR_NUL, "bare CR or NUL in command line")
         return line
 
@@ -321,7 +323,7 @@ def _has_bare(data: bytes) -> bool:
     and this runs over every octet of every message.
     """
     pairs = data.count(CRLF)
-    return data.count(b"\r") != pairs or data.count(b"\n") != pairs or b"\x00" in data
+    return data.count(b"\r") != pairs or data.count(b"\n") != pairs or data.find(b"\x00") >= 0
 
 
 BARE_IN_CONTENT: Final = "bare CR, LF or NUL in content"
