@@ -14,11 +14,14 @@ from typing import Any
 from .wire import Reply
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class ToClient:
     """Write these replies to the client in one write: one group (RFC 2920 §3.2)."""
 
     replies: tuple[Reply, ...]
+
+    def __init__(self, replies: tuple[Reply, ...]) -> None:  # compiled: see wire.Reply
+        object.__setattr__(self, "replies", replies)
 
     @property
     def data(self) -> bytes:
@@ -27,9 +30,12 @@ class ToClient:
         return b"".join(reply.serialise() for reply in self.replies)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class ToUpstream:
     data: bytes
+
+    def __init__(self, data: bytes) -> None:  # compiled: see wire.Reply
+        object.__setattr__(self, "data", data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,13 +65,18 @@ class UpstreamStartTls:
     UpstreamTlsEstablished or UpstreamTlsFailed."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Log:
     """One log line; ``event`` and its fields are named in ``logschema``."""
 
     level: str
     event: str
     fields: dict[str, Any]
+
+    def __init__(self, level: str, event: str, fields: dict[str, Any]) -> None:  # compiled: see wire.Reply
+        object.__setattr__(self, "level", level)
+        object.__setattr__(self, "event", event)
+        object.__setattr__(self, "fields", fields)
 
 
 @dataclass(frozen=True, slots=True)

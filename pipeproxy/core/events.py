@@ -62,9 +62,12 @@ class UpstreamTlsFailed:
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class ClientData:
     data: bytes | bytearray  # as trio's receive_some gives it
+
+    def __init__(self, data: bytes | bytearray) -> None:  # compiled: see wire.Reply
+        object.__setattr__(self, "data", data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,9 +87,12 @@ class UpstreamConnected:
     """The connection a ``ConnectUpstream`` asked for is open."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class UpstreamData:
     data: bytes | bytearray
+
+    def __init__(self, data: bytes | bytearray) -> None:  # compiled: see wire.Reply
+        object.__setattr__(self, "data", data)
 
 
 @dataclass(frozen=True, slots=True)

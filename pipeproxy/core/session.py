@@ -32,7 +32,7 @@ import functools
 import re
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
 from . import logschema as L
@@ -302,26 +302,31 @@ IN_TLS_HANDSHAKE: Final = Mode("TLS handshake")  # after STARTTLS: nothing is re
 CLOSED: Final = Mode("closed")
 
 
-@dataclass(slots=True)
 class _Outstanding:
     """The one exchange whose reply has not arrived yet."""
 
-    exchange: Exchange
-    verb: str  # what the debug log calls it
-    argument: bytes  # of the command, for the HELO fallback; never logged
-    sent_at: float
-    deadline: float
+    __slots__ = ("exchange", "verb", "argument", "sent_at", "deadline")
+
+    # Not a dataclass: a dataclass's generated __init__ stays interpreted (wire.Reply).
+    def __init__(self, exchange: Exchange, verb: str, argument: bytes, sent_at: float, deadline: float) -> None:
+        self.exchange = exchange
+        self.verb = verb  # what the debug log calls it
+        self.argument = argument  # of the command, for the HELO fallback; never logged
+        self.sent_at = sent_at
+        self.deadline = deadline
 
 
-@dataclass(slots=True)
 class _Message:
     """The content of a message on its way: unframed from the client, framed again."""
 
-    unstuffer: Unstuffer
-    stuffer: Stuffer
-    started: float
-    last_data: float
-    headers: HeaderScanner = field(default_factory=HeaderScanner)
+    __slots__ = ("unstuffer", "stuffer", "started", "last_data", "headers")
+
+    def __init__(self, unstuffer: Unstuffer, stuffer: Stuffer, started: float) -> None:  # not one: _Outstanding
+        self.unstuffer = unstuffer
+        self.stuffer = stuffer
+        self.started = started
+        self.last_data = started
+        self.headers = HeaderScanner()
 
 
 class Session:
@@ -788,7 +793,7 @@ class Session:
     def _then_content(self, pending: _Outstanding, upstream_reply: Reply) -> None:
         now = self._now
         reject = self.config.bare_line_endings is BareLineEndings.REJECT
-        self._message = _Message(Unstuffer(), Stuffer(reject_bare=reject), started=now, last_data=now)
+        self._message = _Message(Unstuffer(), Stuffer(reject_bare=reject), started=now)
         self._mode = READING_CONTENT
 
     def _then_data_refused(self, pending: _Outstanding, upstream_reply: Reply) -> None:

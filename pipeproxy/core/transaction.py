@@ -7,29 +7,34 @@ replies went in) and writes it once, when the transaction ends, however it ends.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 from .events import TlsInfo
 from .wire import Reply
 
 
-@dataclass(slots=True)
 class Transaction:
     """One mail transaction, MAIL to its final reply, for the canonical log line."""
 
-    sender: str
-    helo: str | None  # the client's EHLO/HELO name
-    rcpt_sent: int = 0  # RCPT commands sent upstream
-    accepted: int = 0
-    rejected: int = 0
-    # Each recipient's answer: {"address", "code"} and, when refused, the "reply" text.
-    recipients: list[dict[str, Any]] = field(default_factory=list)
-    size: int = 0
-    message_id: str | None = None
-    queue_id: str | None = None
-    upstream_wait: float = 0.0
-    groups: list[int] = field(default_factory=list)
+    __slots__ = (
+        "sender", "helo", "rcpt_sent", "accepted", "rejected", "recipients", "size", "message_id", "queue_id",
+        "upstream_wait", "groups",
+    )  # fmt: skip
+
+    # Not a dataclass: a dataclass's generated __init__ stays interpreted (wire.Reply).
+    def __init__(self, sender: str, helo: str | None) -> None:
+        self.sender = sender
+        self.helo = helo  # the client's EHLO/HELO name
+        self.rcpt_sent = 0  # RCPT commands sent upstream
+        self.accepted = 0
+        self.rejected = 0
+        # Each recipient's answer: {"address", "code"} and, when refused, the "reply" text.
+        self.recipients: list[dict[str, Any]] = []
+        self.size = 0
+        self.message_id: str | None = None
+        self.queue_id: str | None = None
+        self.upstream_wait = 0.0
+        self.groups: list[int] = []
 
     def answered(self, address: str, answer: Reply) -> None:
         self.recipients.append(

@@ -43,7 +43,7 @@ MAX_AUTH_LINE: Final = 12288
 DEFAULT_MAX_REPLY_SIZE: Final = 16 * 1024
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Reply:
     """One complete SMTP reply: its code and the text of each line after the separator.
 
@@ -54,7 +54,15 @@ class Reply:
 
     code: int
     lines: tuple[str, ...]
-    raw: bytes = field(default=b"", compare=False, repr=False)
+    raw: bytes = field(compare=False, repr=False)
+
+    # Written out for the compiled core: mypyc compiles this one, where a dataclass's
+    # generated __init__ stays interpreted (five times slower); object.__setattr__ is
+    # how a frozen dataclass sets its own fields.
+    def __init__(self, code: int, lines: tuple[str, ...], raw: bytes = b"") -> None:
+        object.__setattr__(self, "code", code)
+        object.__setattr__(self, "lines", lines)
+        object.__setattr__(self, "raw", raw)
 
     def serialise(self) -> bytes:
         if self.raw:
