@@ -201,6 +201,40 @@ def test_malformed_replies_are_protocol_errors(data):
         reader.next_reply()
 
 
+# RFC 5321 §4.2's reply line as a regular expression: the specification the reply
+# reader's octet-by-octet check is held to.
+REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])(?:([ -])[^\r\x00]*)?")
+
+
+def variants_of_reply_lines() -> list[bytes]:
+    """Well-formed reply lines with each of their first five octets set to every value
+    but LF (which ends a line), and cut short after each: the code, the separator and
+    the text's first octet."""
+    lines = []
+    for base in (b"250 ok", b"354-go"):
+        for position in range(5):
+            lines += [base[:position] + bytes([octet]) + base[position + 1 :] for octet in range(256) if octet != 10]
+            lines.append(base[:position])
+    return lines
+
+
+def test_a_reply_line_is_taken_exactly_when_it_is_well_formed():
+    for raw in variants_of_reply_lines():
+        reader = ReplyReader()
+        reader.feed(raw + b"\r\n")
+        if (match := REPLY_LINE.fullmatch(raw)) is None:
+            with pytest.raises(UpstreamError):
+                reader.next_reply()
+            continue
+        text = raw[4:].decode("utf-8", "surrogateescape")
+        if match[2] != b"-":
+            assert reader.next_reply() == Reply(int(match[1]), (text,)), raw
+        else:  # the first line of a multi-line reply: nothing yet; the next line ends it
+            assert reader.next_reply() is None, raw
+            reader.feed(match[1] + b" end\r\n")
+            assert reader.next_reply() == Reply(int(match[1]), (text, "end")), raw
+
+
 def test_mailbox_of_mail_and_rcpt_arguments():
     assert mailbox("FROM:<a@b> SIZE=10") == "a@b"
     assert mailbox("TO: <c@d>") == "c@d"

@@ -158,9 +158,10 @@ class ClientInput:
     def has_line(self) -> bool:
         """Whether a complete line (or one to refuse) is waiting."""
         size = len(self._buffer)
-        # find, not ``in``: on bytes ``in`` first tries its operand as an integer, and
-        # raises and clears a TypeError every call.
-        return self._buffer.find(b"\n") >= 0 or (size >= self.max_line and size >= self._limit(sasl=False))
+        # An octet's presence is asked as ``10 in buffer``, with an integer: a memchr. With
+        # a bytes operand ``in`` first tries it as an integer, raising and clearing a
+        # TypeError each call; ``find`` parses its arguments as a tuple (1,000 instructions).
+        return 10 in self._buffer or (size >= self.max_line and size >= self._limit(sasl=False))
 
     def next_line(self, sasl: bool = False) -> bytes | None:
         """The next line without its CRLF, None if incomplete; ClientError if bad.
@@ -185,7 +186,7 @@ class ClientInput:
         if not line.endswith(b"\r"):
             raise ClientError(BARE_LF, "bare LF in command line")
         line = line[:-1]
-        if line.find(b"\r") >= 0 or line.find(b"\x00") >= 0:  # find: see has_line
+        if 13 in line or 0 in line:  # CR, NUL (octets as integers: see has_line)
             raise ClientError(BARE_CR_OR_NUL, "bare CR or NUL in command line")
         return line
 
@@ -253,22 +254,23 @@ class ReplyReader:
                 return complete
 
 
-# A well-formed reply line: a code, then nothing, or " " or "-" and a text with no CR
-# or NUL. One match answers for nearly every line; the checks below say what is wrong
-# with one that fails it.
-_REPLY_LINE: Final = re.compile(rb"([2-5][0-9][0-9])(?:([ -])[^\r\x00]*)?")
-
-
 def _parse_reply_line(raw: bytes) -> tuple[int, bool, str]:
-    """(code, is last line, text) of one reply line; RFC 5321 §4.2."""
-    if match := _REPLY_LINE.fullmatch(raw):
-        return int(match[1]), match[2] != b"-", raw[4:].decode("utf-8", "surrogateescape")
-    if len(raw) < 3 or not raw[:3].isdigit() or raw[:1] not in b"2345":
+    """(code, is last line, text) of one reply line; RFC 5321 §4.2.
+
+    Well formed: a code of 2xx to 5xx, then nothing, or " " or "-" and a text with no CR
+    or NUL. Checked octet by octet, as integers: compiled, that costs a tenth of what a
+    regular expression's match (and int() of its group) did, for each of the upstream's
+    replies."""
+    size = len(raw)
+    if size < 3 or not (50 <= raw[0] <= 53 and 48 <= raw[1] <= 57 and 48 <= raw[2] <= 57):
         raise UpstreamError("malformed reply line")
-    separator = raw[3:4]
-    if separator not in (b"", b" ", b"-"):
+    separator = raw[3] if size > 3 else 32
+    if separator != 32 and separator != 45:  # " ", "-"
         raise UpstreamError("malformed reply line")
-    raise UpstreamError("control character in reply")
+    if 13 in raw or 0 in raw:  # CR, NUL (octets as integers: see ClientInput.has_line)
+        raise UpstreamError("control character in reply")
+    code = (raw[0] - 48) * 100 + (raw[1] - 48) * 10 + raw[2] - 48
+    return code, separator != 45, raw[4:].decode("utf-8", "surrogateescape")
 
 
 _END_OF_DATA: Final = b"\r\n.\r\n"
@@ -331,7 +333,7 @@ def _has_bare(data: bytes) -> bool:
     and this runs over every octet of every message.
     """
     pairs = data.count(CRLF)
-    return data.count(b"\r") != pairs or data.count(b"\n") != pairs or data.find(b"\x00") >= 0
+    return data.count(b"\r") != pairs or data.count(b"\n") != pairs or 0 in data
 
 
 BARE_IN_CONTENT: Final = "bare CR, LF or NUL in content"
