@@ -227,6 +227,35 @@ def test_json_lines_carry_what_orjson_refuses():
     assert (written["sender"], written["size"], written["event"]) == ("é@x.test", 5, "written")
 
 
+@pytest.mark.parametrize(
+    ("clock", "expected"),
+    [
+        ([1764410429.5, 1764410429.75], ["2025-11-29T10:00:29.500000Z", "2025-11-29T10:00:29.750000Z"]),
+        ([1764410429.5, 1764410430.25], ["2025-11-29T10:00:29.500000Z", "2025-11-29T10:00:30.250000Z"]),
+        ([1764460799.875, 1764460800.0], ["2025-11-29T23:59:59.875000Z", "2025-11-30T00:00:00.000000Z"]),
+    ],
+)
+def test_the_timestamp_is_iso_utc_to_the_microsecond_within_a_second_and_across_one(monkeypatch, clock, expected):
+    """The date and time are formatted once a second: the next line in the same second
+    reuses them, one in the next second (or day) gets its own."""
+    from pipeproxy.shell import logging_setup
+
+    stamp, times = logging_setup.Timestamp(), iter(clock)
+    monkeypatch.setattr(logging_setup.time, "time", lambda: next(times))
+    assert [stamp(None, "info", {})["timestamp"] for _ in clock] == expected
+
+
+def test_a_workers_lines_carry_its_index():
+    code = (
+        "import structlog; from pipeproxy.shell import logging_setup; "
+        "logging_setup.configure('json', 'info', worker=3); structlog.get_logger('t').info('from a worker')"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    line = json.loads(result.stdout)
+    assert (line["event"], line["worker"]) == ("from a worker", 3)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", line["timestamp"])
+
+
 def test_demo_shows_the_refusal_the_delivery_and_the_round_trips_saved():
     """`pipeproxy demo` needs no MTA: it runs its own, and says what pipeproxy saved."""
     result = run_cli("demo")

@@ -4,8 +4,13 @@ Follows structlog's production and performance advice: one configuration at star
 level filter that makes filtered-out calls no-ops, JSON rendered by orjson and written
 as bytes, and stdlib ``logging`` records (trio's, or any library's) rendered by the same
 renderer through ``ProcessorFormatter``. A session's context (its id, client, upstream)
-is bound to its logger (``shell/connection.py``); contextvars carry what a whole process
-shares, a worker's index, merged into every line.
+is bound to its logger (``shell/connection.py``); what a whole process shares, a worker's
+index, is added to every line by a processor of its own.
+
+A loaded process writes a ``transaction`` line a message, so the processors are the
+cheap ones: the timestamp's date and time are formatted once a second (structlog's
+``TimeStamper`` formats a datetime each line), and the worker's index is a constant
+(``merge_contextvars`` would copy the task's context each line to find it).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import codecs
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable
 from typing import Any, BinaryIO, TextIO
 
@@ -51,8 +57,36 @@ def binary(stream: TextIO) -> BinaryIO | None:
     return buffer if utf8 else None
 
 
-def configure(log_format: str, level: str, stream: TextIO | None = None) -> None:
-    """``log_format``: json, console, or auto (console on a terminal); ``level``: debug to error.
+class Timestamp:
+    """structlog processor: ``timestamp``, ISO 8601 in UTC to the microsecond, as
+    ``TimeStamper(fmt="iso", utc=True)`` writes it ("2026-11-29T10:10:29.745378Z")."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, logger: Any, method: str, event_dict: Any) -> Any:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second, self._prefix = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        event_dict["timestamp"] = f"{self._prefix}.{int((now - second) * 1e6):06d}Z"
+        return event_dict
+
+
+def add_worker(index: int) -> structlog.types.Processor:
+    """structlog processor: the worker's index, in every line of a worker process."""
+
+    def processor(logger: Any, method: str, event_dict: Any) -> Any:
+        event_dict.setdefault("worker", index)
+        return event_dict
+
+    return processor
+
+
+def configure(log_format: str, level: str, stream: TextIO | None = None, worker: int | None = None) -> None:
+    """``log_format``: json, console, or auto (console on a terminal); ``level``: debug to
+    error; ``worker``: the index of the worker process this is.
 
     Call it before the first line: a ``get_logger()`` logger is cached when first used
     and keeps the stream and level of the configuration then in force."""
@@ -60,9 +94,9 @@ def configure(log_format: str, level: str, stream: TextIO | None = None) -> None
     if log_format == "auto":
         log_format = default_format(stream)
     shared: list[structlog.types.Processor] = [
-        structlog.contextvars.merge_contextvars,
+        *([] if worker is None else [add_worker(worker)]),
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        Timestamp(),
     ]
     renderer: structlog.types.Processor
     foreign: structlog.types.Processor  # for stdlib records, which must come out as str

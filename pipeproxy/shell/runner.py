@@ -335,7 +335,6 @@ def multiprocessing_dead(pid: int | None, directory: str) -> None:
 def _worker(config: Config, index: int, sockets: list[socket.socket], control: Pipe) -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the parent relays it
     set_title(f"pipeproxy: worker {index}")
-    logs.configure(config.log_format, config.log_level)
-    structlog.contextvars.bind_contextvars(worker=index)
+    logs.configure(config.log_format, config.log_level, worker=index)
     metrics.start(os.environ[metrics.MULTIPROC_VARIABLE])
     trio.run(run, config, sockets, [], None, control)
