@@ -498,6 +498,15 @@ def test_upstream_refusing_connection_gives_421():
     )
 
 
+def test_every_step_the_transitions_name_exists():
+    """A step is looked up by its name when a reply comes: a misspelt one would crash the
+    session (a 421) at the first such reply, not at start-up."""
+    from pipeproxy.core import session
+
+    named = {then for rows in session.TRANSITIONS.values() for _, _, then in rows if then is not None}
+    assert named | {"upstream_closing"} <= set(session._STEPS)
+
+
 def test_each_wait_uses_its_rfc_timeout():
     """RCPT waits 5 minutes, DATA 2, the final dot 10; an idle client 5."""
     timeouts = Timeouts()

@@ -7,6 +7,7 @@ Each test names the behaviour it checks; the ones marked "old code" failed befor
 
 from __future__ import annotations
 
+from pipeproxy.core import session as session_module
 from pipeproxy.core.config import BareLineEndings, Config
 from pipeproxy.core.events import ClientData, Tick, UpstreamData
 from pipeproxy.core.session import Session
@@ -48,14 +49,13 @@ def test_a_non_utf8_ehlo_name_falls_back_to_helo_with_the_clients_octets():
     )
 
 
-class _BuggyGreeting(Session):
-    def _then_greeting(self, pending, upstream_reply):
-        raise RuntimeError("a bug in a step")
+def _buggy_step(session, pending, upstream_reply):
+    raise RuntimeError("a bug in a step")
 
 
 def test_an_exception_inside_the_core_is_a_logged_error_a_421_and_a_close(monkeypatch):
     """Old code: the shell saw the exception and the client a silent EOF."""
-    monkeypatch.setattr("transcript.Session", _BuggyGreeting)
+    monkeypatch.setitem(session_module._STEPS, "greeting", _buggy_step)
     run = play(
         [
             (C, b"EHLO client.test\r\n"),

@@ -747,8 +747,7 @@ class Session:
             # A 421 is held: the 421s for what is still waiting join it in one write.
             self._answer(upstream_reply, groupable=exchange.groupable or then == "upstream_closing")
         if then is not None:
-            step: Callable[[_Outstanding, Reply], None] = getattr(self, "_then_" + then)
-            step(pending, upstream_reply)
+            _STEPS[then](self, pending, upstream_reply)
 
     # -- the steps named in TRANSITIONS ---------------------------------------------------
 
@@ -1174,6 +1173,12 @@ class Session:
 
     def _emit(self, action: Action) -> None:
         self._actions.append(action)
+
+
+# The steps TRANSITIONS names, by name: found once here, not by getattr at each reply.
+_STEPS: Final[dict[str, Callable[[Session, _Outstanding, Reply], None]]] = {
+    name.removeprefix("_then_"): step for name, step in vars(Session).items() if name.startswith("_then_")
+}
 
 
 def _over(digits: str, limit: int) -> bool:

@@ -37,12 +37,11 @@ class Transaction:
         self.groups: list[int] = []
 
     def answered(self, address: str, answer: Reply) -> None:
-        self.recipients.append(
-            {"address": address, "code": answer.code, **({"reply": answer.text} if answer.code >= 400 else {})}
-        )
         if answer.code < 400:
+            self.recipients.append({"address": address, "code": answer.code})
             self.accepted += 1
         else:
+            self.recipients.append({"address": address, "code": answer.code, "reply": answer.text})
             self.rejected += 1
 
     def log_fields(self, final: Reply | None, outcome: str, held: int, tls: TlsInfo | None) -> dict[str, Any]:
