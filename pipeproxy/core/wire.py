@@ -235,8 +235,12 @@ class ReplyReader:
                 raise UpstreamError("reply too long")
             if end < 0:
                 return None
-            line = bytes(self._buffer[: end + 1])
-            del self._buffer[: end + 1]
+            if end + 1 == len(self._buffer):  # the usual: what arrived is one whole line
+                line = bytes(self._buffer)
+                self._buffer.clear()
+            else:
+                line = bytes(self._buffer[: end + 1])
+                del self._buffer[: end + 1]
             crlf = line.endswith(b"\r\n")
             raw = line[:-2] if crlf else line[:-1]
             code, last, text = _parse_reply_line(raw)
