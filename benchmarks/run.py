@@ -483,7 +483,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", choices=["floor", "latency", "throughput", "memory"])
     parser.add_argument("--quick", action="store_true", help="fewer runs and smaller loads, for a first look")
     parser.add_argument("--baseline", type=Path, metavar="DIR",
-                        help="floor: also pipeproxy from DIR, as its sources (git worktree add /tmp/before COMMIT)")
+                        help="floor: also pipeproxy from DIR, its sources (git worktree add /tmp/before COMMIT) or "
+                        "an install of them (pip install --no-deps --target DIR /tmp/before)")
     args = parser.parse_args()
     sections = args.only or ["floor", "latency", "throughput", "memory"]
     runs = 3 if args.quick else 5
