@@ -230,18 +230,21 @@ def test_json_lines_carry_what_orjson_refuses():
 @pytest.mark.parametrize(
     ("clock", "expected"),
     [
-        ([1764410429.5, 1764410429.75], ["2025-11-29T10:00:29.500000Z", "2025-11-29T10:00:29.750000Z"]),
-        ([1764410429.5, 1764410430.25], ["2025-11-29T10:00:29.500000Z", "2025-11-29T10:00:30.250000Z"]),
-        ([1764460799.875, 1764460800.0], ["2025-11-29T23:59:59.875000Z", "2025-11-30T00:00:00.000000Z"]),
+        # within a second, then across one, a day, backwards, and before 1970
+        ([1764410429_500000000, 1764410429_750000999], ["2025-11-29T10:00:29.500000Z", "2025-11-29T10:00:29.750000Z"]),
+        ([1764410429_500000000, 1764410430_000001000], ["2025-11-29T10:00:29.500000Z", "2025-11-29T10:00:30.000001Z"]),
+        ([1764460799_875000000, 1764460800_000000000], ["2025-11-29T23:59:59.875000Z", "2025-11-30T00:00:00.000000Z"]),
+        ([1764410430_250000000, 1764410429_999999999], ["2025-11-29T10:00:30.250000Z", "2025-11-29T10:00:29.999999Z"]),
+        ([-250000000, -1_500000000], ["1969-12-31T23:59:59.750000Z", "1969-12-31T23:59:58.500000Z"]),
     ],
 )
 def test_the_timestamp_is_iso_utc_to_the_microsecond_within_a_second_and_across_one(monkeypatch, clock, expected):
     """The date and time are formatted once a second: the next line in the same second
-    reuses them, one in the next second (or day) gets its own."""
+    reuses them, one in another second (or day) gets its own; the nanoseconds are floored."""
     from pipeproxy.shell import logging_setup
 
     stamp, times = logging_setup.Timestamp(), iter(clock)
-    monkeypatch.setattr(logging_setup.time, "time", lambda: next(times))
+    monkeypatch.setattr(logging_setup.time, "time_ns", lambda: next(times))
     assert [stamp(None, "info", {})["timestamp"] for _ in clock] == expected
 
 

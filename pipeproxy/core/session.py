@@ -1176,6 +1176,8 @@ class Session:
 
 
 # The steps TRANSITIONS names, by name: found once here, not by getattr at each reply.
+# They are Session's own: a subclass's override of a step is not seen (a test that needs
+# a step to fail replaces it in this table).
 _STEPS: Final[dict[str, Callable[[Session, _Outstanding, Reply], None]]] = {
     name.removeprefix("_then_"): step for name, step in vars(Session).items() if name.startswith("_then_")
 }

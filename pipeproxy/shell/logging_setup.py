@@ -58,19 +58,21 @@ def binary(stream: TextIO) -> BinaryIO | None:
 
 
 class Timestamp:
-    """structlog processor: ``timestamp``, ISO 8601 in UTC to the microsecond, as
-    ``TimeStamper(fmt="iso", utc=True)`` writes it ("2026-11-29T10:10:29.745378Z")."""
+    """structlog processor: ``timestamp``, ISO 8601 in UTC to the microsecond, always six
+    digits of them ("2026-11-29T10:10:29.745378Z", "2026-11-30T00:00:00.000000Z": a fixed
+    width, where ``TimeStamper(fmt="iso", utc=True)`` leaves the fraction out at a whole
+    second), the clock's nanoseconds floored, as structlog does."""
 
     def __init__(self) -> None:
-        self._second = -1
-        self._prefix = ""
+        # (second, its text), one value: a thread that logs meanwhile sees the pair whole.
+        self._cached: tuple[int, str] | None = None
 
     def __call__(self, logger: Any, method: str, event_dict: Any) -> Any:
-        now = time.time()
-        second = int(now)
-        if second != self._second:
-            self._second, self._prefix = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        event_dict["timestamp"] = f"{self._prefix}.{int((now - second) * 1e6):06d}Z"
+        second, nanoseconds = divmod(time.time_ns(), 1_000_000_000)  # floors, before 1970 too
+        cached = self._cached
+        if cached is None or cached[0] != second:
+            cached = self._cached = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+        event_dict["timestamp"] = f"{cached[1]}.{nanoseconds // 1000:06d}Z"
         return event_dict
 
 
