@@ -316,10 +316,10 @@ def _cpu_seconds(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-# Identical processes of the trio relay and of pipeproxy, measured each in turn: on this
-# shared machine one process of the same code can run 10 to 20 % slower than another for
-# its whole life (measured: 413 to 493 µs a lock-step message among four in one run), so
-# the pair the ratio compares is the median of several of each.
+# Identical processes of the trio relay, of pipeproxy (one worker and two) and of the
+# baseline, measured each in turn: on this shared machine one process of the same code
+# can run 10 to 20 % slower than another for its whole life (measured: 413 to 493 µs a
+# lock-step message among four in one run), so the ratios compare medians of several.
 INSTANCES = 3
 
 
@@ -334,11 +334,11 @@ def floor(runs: int, scale: float, sessions: int = 20, baseline: Path | None = N
             "trio relay": [services.trio_relay(sink) for _ in range(INSTANCES)],
             "pipeproxy": [services.pipeproxy(sink) for _ in range(INSTANCES)],
             "pp xclient off": [services.pipeproxy(sink, 1, "--xclient", "off")],
-            "pipeproxy×2": [services.pipeproxy(sink, 2)],
+            "pipeproxy×2": [services.pipeproxy(sink, 2) for _ in range(INSTANCES)],
             "pure Python": [services.pipeproxy(sink, source=REPOSITORY)],
         }
         if baseline is not None:
-            targets["baseline"] = [services.pipeproxy(sink, source=baseline)]
+            targets["baseline"] = [services.pipeproxy(sink, source=baseline) for _ in range(INSTANCES)]
         time.sleep(1.0)  # the workers of pipeproxy×2 start after its port answers
         trees = {
             name: [_tree(process.pid) if process else [] for _, process in instances]
@@ -351,9 +351,10 @@ def floor(runs: int, scale: float, sessions: int = 20, baseline: Path | None = N
         messages = int(4000 * scale)
         print(f"\n## 0. The floor: {sessions} persistent sessions, {messages} messages of 5 recipients a run, "
               f"upstream smtp-sink -p; medians of {runs} runs, interleaved; cpu: the relay's, % of one core; "
-              f"ratios: medians of each run's; the trio relay and pipeproxy: {INSTANCES} processes each, "
-              "a run's figure the median of theirs")
-        results: dict[tuple[str, str], list[tuple[float, float]]] = {}
+              f"ratios: medians of each run's; the trio relay, pipeproxy, ×2 and the baseline: {INSTANCES} "
+              "processes each, a run's figures the medians of theirs")
+        # (messages a second, share of a core, CPU seconds a message) a run
+        results: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
         by_instance: dict[tuple[str, str, int], list[tuple[float, float]]] = {}
         for _ in range(runs):
             for client, send in clients.items():
@@ -365,15 +366,17 @@ def floor(runs: int, scale: float, sessions: int = 20, baseline: Path | None = N
                         cpu = (_cpu_seconds(trees[name][index]) - before) / (time.perf_counter() - started)
                         by_instance.setdefault((client, name, index), []).append((rate, cpu))
                     measured = [by_instance[client, name, index][-1] for index in range(len(instances))]
-                    results.setdefault((client, name), []).append(
-                        (statistics.median(r for r, _ in measured), statistics.median(c for _, c in measured))
-                    )
+                    results.setdefault((client, name), []).append((
+                        statistics.median(r for r, _ in measured),
+                        statistics.median(c for _, c in measured),
+                        statistics.median(c / r for r, c in measured),  # each process's own
+                    ))
         # Ratios: the median of each round's ratio, the two measured minutes apart at most,
         # so a shared machine's load swings (other work) cancel out of them.
         print(f"{'client':<28}" + "".join(f"{name:>16}" for name in targets) + f"{'pp/relay':>10}{'×2/×1':>8}")
         for client in clients:
-            medians = {name: statistics.median(r for r, _ in results[client, name]) for name in targets}
-            cpus = {name: statistics.median(c for _, c in results[client, name]) for name in targets}
+            medians = {name: statistics.median(r for r, _, _ in results[client, name]) for name in targets}
+            cpus = {name: statistics.median(c for _, c, _ in results[client, name]) for name in targets}
             cells = "".join(
                 f"{f'{medians[name]:.0f}/s' + (f' {cpus[name] * 100:.0f}%' if trees[name][0] else ''):>16}"
                 for name in targets
@@ -387,18 +390,18 @@ def floor(runs: int, scale: float, sessions: int = 20, baseline: Path | None = N
             print(f"{client:<28}{cells}{relay:>10.2f}{workers:>8.2f}"
                   + (f"  baseline/relay {ratio('baseline', 'trio relay'):.2f}" if baseline else ""))
             print(f"{'':<28}  each run: " + "; ".join(
-                f"{name} " + "/".join(f"{r:.0f}" for r, _ in results[client, name]) for name in targets))
+                f"{name} " + "/".join(f"{r:.0f}" for r, _, _ in results[client, name]) for name in targets))
             # CPU a message (user + system) is steadier than messages a second when other
             # work shares the machine: a relay that uses a core fully is limited by it.
             print(f"{'':<28}  CPU a message: " + "; ".join(
-                f"{name} {statistics.median(c / r for r, c in results[client, name]) * 1e6:.0f} µs"
+                f"{name} {statistics.median(m for _, _, m in results[client, name]) * 1e6:.0f} µs"
                 for name in targets if trees[name][0]))
             print(f"{'':<28}  each process, CPU a message: " + "; ".join(
                 f"{name} " + "/".join(
                     f"{statistics.median(c / r for r, c in by_instance[client, name, index]) * 1e6:.0f}"
-                    for index in range(INSTANCES)
+                    for index in range(len(targets[name]))
                 ) + " µs"
-                for name in ("trio relay", "pipeproxy")))
+                for name in targets if len(targets[name]) > 1))
 
 
 # -- 3. memory and scale -----------------------------------------------------------
