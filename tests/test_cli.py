@@ -199,14 +199,20 @@ async def test_the_proxy_process_serves_ipv6_logs_json_and_stops_on_sigterm(nurs
     assert {"session", "duration", "commands", "timestamp", "level"} <= set(session_closed)
 
 
+def logged(code: str) -> list[dict]:
+    """The JSON lines a fresh process writes running ``code`` (``logging_setup`` imported;
+    a process of its own, since structlog's configuration is process-wide)."""
+    result = subprocess.run(
+        [sys.executable, "-c", f"import logging, structlog; from pipeproxy.shell import logging_setup; {code}"],
+        capture_output=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
 def test_stdlib_log_records_come_out_as_json():
     """trio's and other libraries' logging records share the JSON format."""
-    code = (
-        "import logging; from pipeproxy.shell import logging_setup; logging_setup.configure('json', 'info'); "
-        "logging.getLogger('trio').warning('from stdlib')"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    line = json.loads(result.stdout)
+    [line] = logged("logging_setup.configure('json', 'info'); logging.getLogger('trio').warning('from stdlib')")
     assert (line["event"], line["level"]) == ("from stdlib", "warning")
 
 
@@ -214,14 +220,11 @@ def test_json_lines_carry_what_orjson_refuses():
     """A client's bytes that are not UTF-8 (lone surrogates once decoded), a key that is
     not a str, an int beyond 64 bits: orjson refuses them, and the line is still written."""
     fields = {"helo": "\udcff\udcfe", "keys": {1: "one"}, "big": 2**70, "sender": "é@x.test", "tls": None}
-    code = (
-        "import structlog; from pipeproxy.shell import logging_setup; logging_setup.configure('json', 'info'); "
+    refused, written = logged(
+        "logging_setup.configure('json', 'info'); "
         f"log = structlog.get_logger('t').bind(session='s'); log.info('refused', **{fields!r}); "
         f"log.info('written', sender={fields['sender']!r}, size=5)"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
-    assert result.returncode == 0, result.stderr.decode()
-    refused, written = (json.loads(line) for line in result.stdout.splitlines())
     assert refused == {"session": "s", **fields, "keys": {"1": "one"}, "event": "refused", "level": "info",
                        "timestamp": refused["timestamp"]}
     assert (written["sender"], written["size"], written["event"]) == ("é@x.test", 5, "written")
@@ -249,12 +252,7 @@ def test_the_timestamp_is_iso_utc_to_the_microsecond_within_a_second_and_across_
 
 
 def test_a_workers_lines_carry_its_index():
-    code = (
-        "import structlog; from pipeproxy.shell import logging_setup; "
-        "logging_setup.configure('json', 'info', worker=3); structlog.get_logger('t').info('from a worker')"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    line = json.loads(result.stdout)
+    [line] = logged("logging_setup.configure('json', 'info', worker=3); structlog.get_logger().info('from a worker')")
     assert (line["event"], line["worker"]) == ("from a worker", 3)
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", line["timestamp"])
 
