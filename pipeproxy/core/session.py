@@ -321,7 +321,8 @@ class _Message:
 
     __slots__ = ("unstuffer", "stuffer", "started", "last_data", "headers")
 
-    def __init__(self, unstuffer: Unstuffer, stuffer: Stuffer, started: float) -> None:  # not one: _Outstanding
+    # Not a dataclass, as _Outstanding is not.
+    def __init__(self, unstuffer: Unstuffer, stuffer: Stuffer, started: float) -> None:
         self.unstuffer = unstuffer
         self.stuffer = stuffer
         self.started = started
